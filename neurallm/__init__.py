@@ -1,0 +1,3 @@
+"""neurallm: recurrent neural language models (RNN, LSTM, GRU)."""
+
+__version__ = "0.1.0"

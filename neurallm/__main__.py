@@ -1,0 +1,3 @@
+from neurallm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""A checkpoint is one directory: model.safetensors + config.json + tokenizer.json.
+
+No pickle anywhere. Every file is written to a temporary name and renamed into place,
+so a run killed while saving leaves the previous checkpoint whole. A training run's
+directory also holds metrics.jsonl, curves.png and resume/ (the state --resume needs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from neurallm import config as config_mod
+from neurallm.data import tokenizers
+from neurallm.errors import NlmError
+from neurallm.models.lm import RNNLM
+
+FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a fully written directory into place; the old one is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def tensors_of(model) -> dict:
+    # Tied weights share storage; safetensors stores each tensor once, so drop the alias.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_weights:
+        state.pop("decoder.weight", None)
+    return state
+
+
+def save(directory, model: RNNLM, recipe, tokenizer, extra: dict | None = None) -> Path:
+    """Write (or update) a checkpoint. Each file is replaced atomically, the weights last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {**recipe.to_dict(), **({"info": extra} if extra else {})}
+    atomic_write(directory / "config.json", lambda p: write_json(p, config))
+    atomic_write(directory / "tokenizer.json", lambda p: write_json(p, tokenizer.to_json()))
+    weights = tensors_of(model)
+    atomic_write(directory / "model.safetensors", lambda p: save_file(weights, str(p)))
+    return directory
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NlmError(f"{path}: not valid JSON ({e})") from None
+
+
+def load(directory, device: str = "cpu"):
+    """-> (model in eval mode, recipe, tokenizer). Clear errors for a missing file or a mismatched shape."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NlmError(f"{directory}: no such checkpoint directory")
+    for name in FILES:
+        if not (directory / name).is_file():
+            raise NlmError(f"{directory}: checkpoint is missing {name} (expected {', '.join(FILES)})")
+    data = read_json(directory / "config.json")
+    data.pop("info", None)
+    recipe = config_mod.build(data, source=str(directory / "config.json"))
+    tokenizer = tokenizers.from_json(read_json(directory / "tokenizer.json"), str(directory / "tokenizer.json"))
+    model = RNNLM(recipe.model)
+    try:
+        state = load_file(str(directory / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise NlmError(f"{directory / 'model.safetensors'}: unreadable ({e})") from None
+    expected = model.state_dict()
+    if recipe.model.tie_weights:
+        expected.pop("decoder.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise NlmError(f"{directory / 'model.safetensors'}: tensors do not match config.json "
+                       f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise NlmError(f"{directory / 'model.safetensors'}: {name} has shape {tuple(tensor.shape)}, "
+                           f"config.json implies {tuple(expected[name].shape)}")
+    if tokenizer.vocab_size != recipe.model.vocab_size:
+        raise NlmError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, config.json says "
+                       f"model.vocab_size = {recipe.model.vocab_size}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval(), recipe, tokenizer
+
+
+def info(directory) -> dict:
+    data = read_json(Path(directory) / "config.json")
+    return data.get("info", {})
+
+

@@ -1,0 +1,185 @@
+"""The ``nlm`` command: a table of verbs, each importing its module only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from neurallm.errors import NlmError
+
+
+def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
+    print(json.dumps(result) if as_json else "\n".join(lines), flush=True)
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from neurallm import config
+    from neurallm.train import train
+
+    extra = []
+    if args.max_steps is not None:
+        extra.append(f"--train.max_steps={args.max_steps}")
+    if args.max_minutes is not None:
+        extra.append(f"--train.max_minutes={args.max_minutes}")
+    if args.device is not None:
+        extra.append(f"--train.device={args.device}")
+    recipe = config.load_recipe(args.recipe, overrides + extra)
+    out = Path(args.out or Path("runs") / Path(args.recipe).stem)
+    result = train(recipe, out, resume=args.resume, show_progress=not args.no_progress)
+    metric = (f"valid bpc {result['valid_bpc']:.4f} (loss {result['valid_loss']:.4f} nats/char)"
+              if "valid_bpc" in result else f"valid perplexity {result['valid_perplexity']:.2f}")
+    _emit(result, args.json, [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['tokens_per_s']:.0f} tokens/s); "
+        f"train loss {result['train_loss']:.4f}; {metric}",
+        f"best checkpoint: {result['checkpoint']}  (curves: {out / 'curves.png'})"])
+    return 0
+
+
+def _tokens_of(args, tokenizer, recipe):
+    from neurallm.data import corpora
+
+    if args.file:
+        return tokenizer.encode(corpora.read_text(args.file), source=args.file), args.file
+    name = args.data or recipe.data.corpus
+    return tokenizer.encode(corpora.split_text(name, args.split), source=f"{name}/{args.split}"), f"{name}/{args.split}"
+
+
+def cmd_eval(args, _) -> int:
+    from neurallm import checkpoint
+    from neurallm.evaluate import evaluate
+
+    model, recipe, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
+    ids, source = _tokens_of(args, tokenizer, recipe)
+    result = evaluate(model, tokenizer, ids, batch_size=args.batch_size, bptt=args.bptt)
+    result["source"] = source
+    metric = (f"bpc {result['bpc']:.4f}" if "bpc" in result else f"perplexity {result['perplexity']:.2f}")
+    _emit(result, args.json, [f"{source}: {metric} (nll {result['nll']:.4f} nats/token) over {result['tokens']} "
+                              f"tokens, {result['tokens_per_s']:.0f} tokens/s"])
+    return 0
+
+
+def cmd_generate(args, _) -> int:
+    import torch
+
+    from neurallm import checkpoint
+    from neurallm.generate import Sampling, generate
+
+    model, _, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    rng = torch.Generator().manual_seed(args.seed)
+    prompt = [tokenizer.boundary] + tokenizer.encode(args.prompt, source="--prompt")
+    write = tokenizer.stream()
+    sys.stdout.write(args.prompt)
+    if tokenizer.kind == "word" and args.prompt and not args.prompt.endswith((" ", "\n")):
+        sys.stdout.write(" ")
+    for token in generate(model, prompt, args.max_tokens, sampling, rng):
+        sys.stdout.write(write(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_score(args, _) -> int:
+    from neurallm import checkpoint
+    from neurallm.data import corpora
+    from neurallm.evaluate import score
+
+    if (args.text is None) == (args.file is None):
+        raise NlmError("nlm score: give exactly one of --text or --file")
+    model, _, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
+    text = args.text if args.text is not None else corpora.read_text(args.file)
+    result = score(model, tokenizer, text, source=args.file or "--text")
+    lines = [f"{t['logprob']:10.4f}  {t['token']!r}" for t in result["tokens"]]
+    lines.append(f"total log-probability {result['total_logprob']:.4f} over {result['count']} tokens "
+                 f"(mean {result['mean_logprob']:.4f})")
+    _emit(result, args.json, lines)
+    return 0
+
+
+def cmd_data(args, _) -> int:
+    from neurallm.data import corpora
+
+    if args.action == "list":
+        for name in sorted(corpora.REGISTRY):
+            info = corpora.info(name)
+            found = all(f["found"] for f in info["files"].values())
+            print(f"{name:16} {'found' if found else 'missing':8} {info['description']}")
+        return 0
+    if not args.name:
+        raise NlmError(f"nlm data {args.action}: name a corpus")
+    if args.action == "download":
+        corpora.download(corpora.get(args.name))
+    print(json.dumps(corpora.info(args.name), indent=2))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (the --out of nlm train)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nlm", description="Recurrent neural language models.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("train", help="train a language model from a recipe",
+                         epilog="Any recipe key can be overridden: --model.hidden_size=650 --train.lr=1")
+    p.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
+    p.add_argument("--out", help="run directory (default runs/RECIPE)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object summarising the run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train, overrides=True)
+
+    p = verbs.add_parser("eval", help="perplexity or bits per character on a corpus split or a file")
+    _add_model_args(p)
+    p.add_argument("--data", help="corpus name (default: the one the model was trained on)")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--file", help="any UTF-8 text file instead of a corpus split")
+    p.add_argument("--batch-size", type=int, default=1, help="rows read in parallel (1: exact sequential score)")
+    p.add_argument("--bptt", type=int, default=70)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("generate", help="stream sampled text")
+    _add_model_args(p)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("score", help="log-probability of each token of a text")
+    _add_model_args(p)
+    p.add_argument("--text")
+    p.add_argument("--file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+    p = verbs.add_parser("data", help="known corpora: list, info NAME, download NAME")
+    p.add_argument("action", choices=["list", "info", "download"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest)
+    except NlmError as e:
+        print(f"nlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nlm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,226 @@
+"""Typed, frozen configuration: a recipe file plus dotted overrides.
+
+A recipe is a TOML file with the sections [data], [model] and [train]; every key
+maps to a field of the dataclass below, which owns its default and checks its
+value in ``__post_init__``. ``--model.hidden_size=650`` overrides one field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neurallm.errors import NlmError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+CONNECTIONS = ("none", "residual", "highway", "dense")
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise NlmError(f"bad value for {key}: {value!r} (expected {expected})")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "ptb"
+    tokenizer: str = "word"  # word | char | bpe
+    bpe_vocab_size: int = 8000
+
+    def __post_init__(self):
+        _check(self.tokenizer in ("word", "char", "bpe"), "data.tokenizer", self.tokenizer, "word, char or bpe")
+        _check(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", self.bpe_vocab_size, "an integer >= 260")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"
+    vocab_size: int = 0  # filled in from the tokenizer when training starts
+    emb_size: int = 200
+    hidden_size: int = 200
+    num_layers: int = 2
+    bidirectional: bool = False
+    connection: str = "none"  # between layers: none | residual | highway | dense
+    tie_weights: bool = False  # Press & Wolf 2017; Inan et al. 2017
+    softmax: str = "full"  # full | adaptive (Grave et al. 2017)
+    adaptive_cutoffs: tuple[int, ...] = (2000, 10000)
+    adaptive_div_value: float = 4.0
+    dropout: float = 0.2  # on the last layer's output
+    dropout_emb: float = 0.0  # drops whole words from the embedding (AWD-LSTM)
+    dropout_input: float = 0.0  # on the embedding output
+    dropout_hidden: float = 0.0  # between layers
+    locked_dropout: bool = False  # one mask per sequence (variational, Gal & Ghahramani 2016)
+    weight_drop: float = 0.0  # DropConnect on recurrent weights (Merity et al. 2017)
+
+    def __post_init__(self):
+        _check(self.cell in CELLS, "model.cell", self.cell, "one of " + ", ".join(CELLS))
+        _check(self.connection in CONNECTIONS, "model.connection", self.connection, "one of " + ", ".join(CONNECTIONS))
+        _check(self.softmax in ("full", "adaptive"), "model.softmax", self.softmax, "full or adaptive")
+        for key in ("emb_size", "hidden_size", "num_layers"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("dropout", "dropout_emb", "dropout_input", "dropout_hidden", "weight_drop"):
+            value = getattr(self, key)
+            _check(0.0 <= value < 1.0, f"model.{key}", value, "a probability in [0, 1)")
+        cutoffs = list(self.adaptive_cutoffs)
+        _check(cutoffs == sorted(set(cutoffs)) and all(c > 0 for c in cutoffs), "model.adaptive_cutoffs",
+               self.adaptive_cutoffs, "increasing positive integers")
+        _check(self.tie_weights is False or self.softmax == "full", "model.tie_weights", self.tie_weights,
+               "false with an adaptive softmax")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 20
+    bptt: int = 35
+    epochs: int = 6
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 20.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip: float = 0.25  # gradient-norm clipping: the remedy for exploding gradients
+    schedule: str = "plateau"  # constant | step | plateau | cosine
+    decay_start: int = 4  # step schedule: first epoch (1-based) after which lr decays
+    decay_factor: float = 0.25  # lr multiplier for step and plateau schedules
+    warmup_steps: int = 0
+    eval_batch_size: int = 10
+    seed: int = 1111
+    log_every: int = 50
+    save_every: int = 500  # steps between training-state snapshots (for --resume)
+    max_steps: int = 0  # 0: no bound
+    max_minutes: float = 0.0  # 0: no bound
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+
+    def __post_init__(self):
+        _check(self.optimizer in ("sgd", "adam", "adamw"), "train.optimizer", self.optimizer, "sgd, adam or adamw")
+        _check(self.schedule in ("constant", "step", "plateau", "cosine"), "train.schedule", self.schedule,
+               "constant, step, plateau or cosine")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "auto, cpu or cuda")
+        _check(self.precision in ("fp32", "bf16", "auto"), "train.precision", self.precision, "auto, fp32 or bf16")
+        for key in ("batch_size", "bptt", "epochs", "eval_batch_size", "log_every", "save_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _check(0 < self.decay_factor <= 1, "train.decay_factor", self.decay_factor, "a number in (0, 1]")
+        _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, value, cls):
+    """Turn a TOML or command-line value into the field's declared type."""
+    kind = typing.get_type_hints(cls)[key]
+    name = f"{section}.{key}"
+    text = value if isinstance(value, str) else None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return text.lower() in ("true", "1", "yes")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        # tuple[int, ...]
+        if text is not None:
+            value = json.loads(text) if text.strip().startswith("[") else [v for v in text.split(",") if v.strip()]
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            kind, "a list of integers")
+        raise NlmError(f"bad value for {name}: {value!r} (expected {expected})") from None
+
+
+def build(sections: dict, source: str = "recipe") -> Recipe:
+    """Make a Recipe from ``{"model": {"hidden_size": 650}, ...}``, naming any unknown key."""
+    parts = {}
+    for section, values in sections.items():
+        if section not in SECTIONS:
+            raise NlmError(f"{source}: unknown section [{section}] (expected one of: {', '.join(SECTIONS)})")
+        cls = SECTIONS[section]
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise NlmError(f"{source}: unknown key {section}.{key} (known keys: {', '.join(sorted(known))})")
+        parts[section] = cls(**{k: _coerce(section, k, v, cls) for k, v in values.items()})
+    return Recipe(**parts)
+
+
+def recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise NlmError(f"recipe file not found: {path}")
+        return path
+    path = RECIPE_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise NlmError(f"unknown recipe {name!r} (shipped: {', '.join(list_recipes())}; or give a path to a .toml file)")
+    return path
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--model.hidden_size=650", "--train.lr", "1"]`` -> ``{"model": {"hidden_size": "650"}, ...}``."""
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise NlmError(f"unexpected argument {arg!r} (overrides look like --section.key=value)")
+        if "=" in arg:
+            dotted, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise NlmError(f"override {arg} has no value")
+            dotted, value = arg[2:], args[i + 1]
+            i += 1
+        section, key = dotted.split(".", 1)
+        out.setdefault(section, {})[key] = value
+        i += 1
+    return out
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    path = recipe_path(name)
+    try:
+        sections = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise NlmError(f"{path}: not a valid TOML recipe: {e}") from None
+    for section, values in parse_overrides(overrides or []).items():
+        sections.setdefault(section, {}).update(values)
+    return build(sections, source=str(path))
+
+
+def replace(recipe: Recipe, **sections) -> Recipe:
+    """``replace(r, model={"vocab_size": 10000})``: a copy with some fields changed."""
+    parts = {name: dataclasses.replace(getattr(recipe, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(recipe, **parts)

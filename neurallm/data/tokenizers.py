@@ -1,0 +1,171 @@
+"""Tokenizers: character, word (Mikolov's PTB convention) and byte-level BPE.
+
+Each has ``encode(text) -> list[int]``, ``decode(ids) -> str``, a ``boundary`` id that
+starts every scored stream (so the first real token is predicted too), a streaming
+decoder for generation, and a JSON form stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from neurallm.errors import NlmError
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.vocab = list(chars)
+        self.vocab_size = len(self.vocab)
+        self.index = {c: i for i, c in enumerate(self.vocab)}
+        self.boundary = self.index["\n"]
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 0) -> "CharTokenizer":
+        return cls(sorted(set(text) | {"\n"}))
+
+    def encode(self, text: str, source: str = "text") -> list[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError:
+            for pos, c in enumerate(text):
+                if c not in self.index:
+                    raise NlmError(f"{source}: character {c!r} at position {pos} is not in the model's "
+                                   f"{len(self.vocab)}-character vocabulary") from None
+            raise
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+    def token(self, i: int) -> str:
+        return self.vocab[i]
+
+    def stream(self):
+        return lambda i: self.vocab[i]
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "vocab": self.vocab}
+
+
+class WordTokenizer:
+    """Whitespace words, one ``<eos>`` per line end; unknown words become ``<unk>``."""
+
+    kind = "word"
+    EOS, UNK = "<eos>", "<unk>"
+
+    def __init__(self, words: list[str]):
+        self.vocab = list(words)
+        self.vocab_size = len(self.vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.boundary = self.index[self.EOS]
+        self.unk = self.index[self.UNK]
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 0) -> "WordTokenizer":
+        counts = Counter(w for line in text.splitlines() for w in line.split())
+        counts.pop(cls.EOS, None)
+        counts.pop(cls.UNK, None)
+        # Most frequent first (ties by first appearance), so an adaptive softmax's head holds the common words.
+        words = [w for w, _ in counts.most_common(vocab_size - 2 if vocab_size else None)]
+        return cls([cls.EOS, cls.UNK] + words)
+
+    def encode(self, text: str, source: str = "text") -> list[int]:
+        ids, unk, index = [], self.unk, self.index
+        for line in text.splitlines():
+            ids.extend(index.get(w, unk) for w in line.split())
+            ids.append(self.boundary)
+        if text and not text.endswith("\n"):
+            ids.pop()  # no line end, no <eos>: a prompt continues the last line
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.stream_text(i) for i in ids).strip(" ")
+
+    def token(self, i: int) -> str:
+        return self.vocab[i]
+
+    def stream_text(self, i: int) -> str:
+        return "\n" if i == self.boundary else self.vocab[i] + " "
+
+    def stream(self):
+        return self.stream_text
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "vocab": self.vocab}
+
+
+class BPETokenizer:
+    """Byte-level BPE trained with the ``tokenizers`` library; lossless on any UTF-8 text."""
+
+    kind = "bpe"
+    EOT = "<|endoftext|>"
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.boundary = backend.token_to_id(self.EOT)
+        self.vocab_size = backend.get_vocab_size()
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 8000) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[cls.EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(backend)
+
+    @property
+    def vocab(self) -> list[str]:
+        return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
+
+    def encode(self, text: str, source: str = "text") -> list[int]:
+        # Encoding line by line keeps memory flat on big corpora; byte-level BPE never crosses "\n" anyway.
+        lines = text.splitlines(keepends=True)
+        ids: list[int] = []
+        for start in range(0, len(lines), 10000):
+            for enc in self.backend.encode_batch(lines[start:start + 10000], add_special_tokens=False):
+                ids.extend(enc.ids)
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def token(self, i: int) -> str:
+        return self.backend.decode([i], skip_special_tokens=False)
+
+    def stream(self):
+        """Emit text only once its bytes form whole UTF-8 characters."""
+        from tokenizers.decoders import DecodeStream
+
+        state = DecodeStream(skip_special_tokens=False)
+        return lambda i: state.step(self.backend, i) or ""
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "tokenizer": json.loads(self.backend.to_str())}
+
+
+KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
+
+
+def train(kind: str, text: str, vocab_size: int = 8000):
+    return KINDS[kind].train(text, vocab_size if kind == "bpe" else 0)
+
+
+def from_json(data: dict, source: str = "tokenizer.json"):
+    kind = data.get("type")
+    if kind not in KINDS:
+        raise NlmError(f"{source}: unknown tokenizer type {kind!r} (expected char, word or bpe)")
+    try:
+        if kind == "bpe":
+            from tokenizers import Tokenizer
+
+            return BPETokenizer(Tokenizer.from_str(json.dumps(data["tokenizer"])))
+        return KINDS[kind](data["vocab"])
+    except Exception as e:  # KeyError, TypeError, or the tokenizers library's own error
+        raise NlmError(f"{source}: malformed {kind} tokenizer ({e})") from None
+

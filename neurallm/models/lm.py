@@ -1,0 +1,84 @@
+"""The recurrent language model: embedding -> stack -> dropout -> decoder.
+
+The decoder is a full softmax (optionally tied to the embedding, Press & Wolf 2017;
+Inan et al. 2017) or an adaptive softmax (Grave et al. 2017), which on a 33k-word
+vocabulary skips most of the output layer's work for the rare words.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurallm.config import ModelConfig
+from neurallm.errors import NlmError
+from neurallm.models.stack import RecurrentStack, dropout
+
+
+class RNNLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.bidirectional:
+            raise NlmError("model.bidirectional: a language model cannot be bidirectional "
+                           "(a model that sees the next word gives a meaningless perplexity)")
+        if cfg.vocab_size < 2:
+            raise NlmError(f"model.vocab_size: {cfg.vocab_size} (expected at least 2)")
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.emb_size)
+        self.stack = RecurrentStack(cfg.cell, cfg.emb_size, cfg.hidden_size, cfg.num_layers,
+                                    connection=cfg.connection, dropout_hidden=cfg.dropout_hidden,
+                                    locked_dropout=cfg.locked_dropout, weight_drop=cfg.weight_drop)
+        width = self.stack.output_size
+        # A tied decoder reads vectors of the embedding's size; project when the last layer differs.
+        self.proj = nn.Linear(width, cfg.emb_size) if cfg.tie_weights and width != cfg.emb_size else None
+        features = cfg.emb_size if self.proj is not None else width
+        if cfg.softmax == "adaptive":
+            cutoffs = [c for c in cfg.adaptive_cutoffs if c < cfg.vocab_size]
+            self.decoder = nn.AdaptiveLogSoftmaxWithLoss(features, cfg.vocab_size, cutoffs,
+                                                         div_value=cfg.adaptive_div_value)
+        else:
+            self.decoder = nn.Linear(features, cfg.vocab_size)
+            nn.init.zeros_(self.decoder.bias)
+            if cfg.tie_weights:
+                self.decoder.weight = self.embedding.weight
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+
+    def init_state(self, batch: int, device=None) -> torch.Tensor:
+        return self.stack.init_state(batch, device=device or self.embedding.weight.device)
+
+    def embed(self, ids):
+        weight = self.embedding.weight
+        p = self.cfg.dropout_emb
+        if self.training and p:
+            # Embedding dropout: drop whole word types for this batch (Gal & Ghahramani 2016).
+            weight = weight * weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
+        return F.embedding(ids, weight)
+
+    def forward(self, ids, state=None, reference: bool = False):
+        """ids (batch, time) -> features (batch, time, features), state."""
+        x = dropout(self.embed(ids), self.cfg.dropout_input, self.training, self.cfg.locked_dropout)
+        out, state = self.stack(x, state, reference=reference)
+        out = dropout(out, self.cfg.dropout, self.training, self.cfg.locked_dropout)
+        if self.proj is not None:
+            out = self.proj(out)
+        return out, state
+
+    def loss(self, features, targets, reduction: str = "mean"):
+        """Cross-entropy in nats. features (batch, time, F), targets (batch, time)."""
+        flat, flat_targets = features.reshape(-1, features.size(-1)), targets.reshape(-1)
+        if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
+            nll = -self.decoder(flat, flat_targets).output
+            return nll.mean() if reduction == "mean" else nll.view_as(targets)
+        logits = self.decoder(flat).float()
+        nll = F.cross_entropy(logits, flat_targets, reduction=reduction)
+        return nll if reduction == "mean" else nll.view_as(targets)
+
+    def log_probs(self, features):
+        """features (..., F) -> log-probabilities over the vocabulary (..., V)."""
+        flat = features.reshape(-1, features.size(-1))
+        if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
+            out = self.decoder.log_prob(flat)
+        else:
+            out = F.log_softmax(self.decoder(flat).float(), dim=-1)
+        return out.view(*features.shape[:-1], -1)

@@ -1,0 +1,126 @@
+"""A stack of recurrent layers: directions, connections between layers, dropouts.
+
+Each layer owns a one-layer fused torch module (``nn.LSTM`` etc.), so the fast cuDNN /
+oneDNN kernels run per layer while connections, locked dropout and weight-drop act
+between and around them. ``reference=True`` runs the same weights through the
+written-out equations in ``cells.py`` instead.
+
+The recurrent state of the whole stack is one tensor:
+(layers, parts, directions, batch, hidden), parts = 2 (h, c) for LSTM, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from neurallm.models import cells
+
+FUSED = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+
+
+def dropout(x, p: float, training: bool, locked: bool):
+    """Standard dropout, or locked (variational): one mask per sequence, shared over time."""
+    if not training or p == 0:
+        return x
+    if not locked:
+        return F.dropout(x, p, True)
+    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p) / (1 - p)  # (batch, 1, features)
+    return x * mask
+
+
+class Layer(nn.Module):
+    """One recurrent layer, one or two directions."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, bidirectional: bool):
+        super().__init__()
+        self.cell = cell
+        extra = {"nonlinearity": cell[4:]} if cell.startswith("rnn_") else {}
+        self.rnn = FUSED[cell](input_size, hidden_size, 1, batch_first=True, bidirectional=bidirectional, **extra)
+        self.directions = 2 if bidirectional else 1
+
+    def weights(self, direction: int) -> list[torch.Tensor]:
+        suffix = "_l0_reverse" if direction else "_l0"
+        return [getattr(self.rnn, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def forward(self, x, state, reference: bool = False, weight_drop: float = 0.0):
+        """x (batch, time, input), state (parts, dirs, batch, hidden) -> (batch, time, dirs * hidden), state."""
+        if reference:
+            return self._reference(x, state)
+        if weight_drop and self.training:
+            # DropConnect on the hidden-to-hidden weights, one mask per forward pass (Merity et al. 2017).
+            dropped = {name: F.dropout(w, weight_drop, True) for name, w in self.rnn.named_parameters()
+                       if name.startswith("weight_hh")}
+            call = lambda *args: functional_call(self.rnn, dropped, args)  # noqa: E731
+        else:
+            call = self.rnn
+        if self.cell == "lstm":
+            out, (h, c) = call(x, (state[0].contiguous(), state[1].contiguous()))
+            return out, torch.stack((h, c))
+        out, h = call(x, state[0].contiguous())
+        return out, h.unsqueeze(0)
+
+    def _reference(self, x, state):
+        outs, finals = [], []
+        for d in range(self.directions):
+            out, final = cells.run(self.cell, x, state[:, d], self.weights(d), reverse=bool(d))
+            outs.append(out)
+            finals.append(final)
+        return torch.cat(outs, dim=2), torch.stack(finals, dim=1)
+
+
+class Highway(nn.Module):
+    """y = g ⊙ f(x) + (1 - g) ⊙ x with g = σ(W x + b) (Srivastava et al. 2015)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.gate = nn.Linear(size, size)
+        nn.init.constant_(self.gate.bias, -1.0)  # start by carrying the input through
+
+    def forward(self, layer_out, layer_in):
+        g = torch.sigmoid(self.gate(layer_in))
+        return g * layer_out + (1 - g) * layer_in
+
+
+class RecurrentStack(nn.Module):
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int,
+                 bidirectional: bool = False, connection: str = "none", dropout_hidden: float = 0.0,
+                 locked_dropout: bool = False, weight_drop: float = 0.0):
+        super().__init__()
+        self.cell, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
+        self.directions = 2 if bidirectional else 1
+        self.parts = 2 if cell == "lstm" else 1
+        self.connection = connection
+        self.dropout_hidden, self.locked, self.weight_drop = dropout_hidden, locked_dropout, weight_drop
+        width = hidden_size * self.directions
+        # Dense: layer i reads the input and all i layers below it; otherwise the layer just below.
+        sizes = [input_size + width * i if connection == "dense" else (input_size if i == 0 else width)
+                 for i in range(num_layers)]
+        self.layers = nn.ModuleList(Layer(cell, sizes[i], hidden_size, bidirectional) for i in range(num_layers))
+        # Residual and highway connections join a layer's input and output where their sizes agree.
+        self.joins = [sizes[i] == width and connection in ("residual", "highway") for i in range(num_layers)]
+        if connection == "highway":
+            self.highways = nn.ModuleList(Highway(width) if j else nn.Identity() for j in self.joins)
+        self.output_size = width
+
+    def init_state(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(self.num_layers, self.parts, self.directions, batch, self.hidden_size,
+                           device=device, dtype=dtype)
+
+    def forward(self, x, state=None, reference: bool = False):
+        """x (batch, time, input) -> (batch, time, dirs * hidden), state (layers, parts, dirs, batch, hidden)."""
+        if state is None:
+            state = self.init_state(x.size(0), x.device, x.dtype)
+        finals, below = [], [x]
+        for i, layer in enumerate(self.layers):
+            inp = torch.cat(below, dim=2) if self.connection == "dense" else below[-1]
+            out, final = layer(inp, state[i], reference=reference, weight_drop=self.weight_drop)
+            if self.joins[i]:
+                out = out + inp if self.connection == "residual" else self.highways[i](out, inp)
+            if i < self.num_layers - 1:
+                out = dropout(out, self.dropout_hidden, self.training, self.locked)
+            finals.append(final)
+            below.append(out)
+        return below[-1], torch.stack(finals)

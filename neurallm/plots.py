@@ -1,0 +1,33 @@
+"""Training curves: train and validation loss against steps, next to the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def training_curves(metrics: Path, out: Path) -> Path | None:
+    """Plot metrics.jsonl to a PNG; returns None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in Path(metrics).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

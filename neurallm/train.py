@@ -1,0 +1,346 @@
+"""Training a language model: truncated BPTT, clipping, schedules, validation, resume, DDP.
+
+The hidden state is carried from one BPTT window to the next (detached, so gradients
+stop at the window edge) and reset at each epoch. The best weights by validation
+loss are kept in the run directory; ``resume/`` holds everything needed to continue
+exactly: weights, optimizer, schedule, random state, carried hidden state and the
+position in the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neurallm import checkpoint, config, runtime
+from neurallm.data import corpora, tokenizers
+from neurallm.data.batching import columns, num_windows, shard, window
+from neurallm.errors import NlmError
+from neurallm.evaluate import token_nll, with_boundary
+from neurallm.models.lm import RNNLM
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in resume/state.json."""
+
+    step: int = 0
+    epoch: int = 1  # 1-based, the epoch in progress
+    window: int = 0  # next BPTT window of that epoch
+    lr_scale: float = 1.0  # decays from the step and plateau schedules
+    best_valid: float = math.inf  # best of any validation: decides which weights are kept
+    plateau_best: float = math.inf  # best at an epoch's end: drives the plateau schedule
+    train_seconds: float = 0.0
+    tokens: int = 0
+    train_loss: float = math.nan
+    valid_loss: float = math.nan
+
+
+class Objective(nn.Module):
+    """model + loss in one forward, so DistributedDataParallel sees every parameter used."""
+
+    def __init__(self, model: RNNLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, state, y):
+        features, state = self.model(x, state)
+        return self.model.loss(features, y), state
+
+
+def make_optimizer(params, cfg: config.TrainConfig):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int, elapsed: float = 0.0) -> float:
+    """The rate for the next step. A cosine schedule runs to zero over the planned steps, or
+    over --max-minutes when that comes first, so a time-bounded run still anneals."""
+    lr = cfg.lr * progress.lr_scale
+    if cfg.warmup_steps and progress.step < cfg.warmup_steps:
+        lr *= (progress.step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        done = progress.step / max(total_steps, 1)
+        if cfg.max_minutes:
+            done = max(done, elapsed / (cfg.max_minutes * 60))
+        lr *= 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    return lr
+
+
+def prepare_data(recipe: config.Recipe, tokenizer=None):
+    """Train the tokenizer on the training split (unless given) and encode train and valid."""
+    name = recipe.data.corpus
+    train_text = corpora.split_text(name, "train")
+    if tokenizer is None:
+        tokenizer = tokenizers.train(recipe.data.tokenizer, train_text, recipe.data.bpe_vocab_size)
+    train_ids = with_boundary(tokenizer, tokenizer.encode(train_text, source=f"{name}/train"))
+    valid_ids = with_boundary(tokenizer, tokenizer.encode(corpora.split_text(name, "valid"), source=f"{name}/valid"))
+    return tokenizer, train_ids, valid_ids
+
+
+class Trainer:
+    def __init__(self, recipe: config.Recipe, out: Path, resume: bool = False, show_progress: bool = True):
+        self.out = Path(out)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = runtime.pick_device(recipe.train.device)
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cpu":
+            runtime.keep_freed_memory()
+        self.show_progress = show_progress and self.rank == 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        tokenizer = None
+        if resume:
+            if not (self.out / "resume" / "state.json").is_file():
+                raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
+            tokenizer = tokenizers.from_json(checkpoint.read_json(self.out / "tokenizer.json"))
+        elif (self.out / "model.safetensors").exists() or (self.out / "resume").exists():
+            raise NlmError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        torch.manual_seed(recipe.train.seed)
+        self.tokenizer, train_ids, valid_ids = prepare_data(recipe, tokenizer)
+        self.recipe = config.replace(recipe, model={"vocab_size": self.tokenizer.vocab_size})
+        self.cfg = self.recipe.train
+        if self.cfg.batch_size % self.world:
+            raise NlmError(f"train.batch_size {self.cfg.batch_size} is not divisible by {self.world} processes")
+        self.train_data = shard(columns(train_ids, self.cfg.batch_size), self.rank, self.world).to(self.device)
+        self.valid_ids = valid_ids
+        self.windows = num_windows(self.train_data, self.cfg.bptt)
+        self.model = RNNLM(self.recipe.model).to(self.device)
+        self.objective = Objective(self.model)
+        if self.world > 1:
+            self.objective = nn.parallel.DistributedDataParallel(self.objective)
+        self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
+        self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
+        self.progress = Progress()
+        self.hidden = None
+        if resume:
+            self.restore()
+
+    # ---- one step -------------------------------------------------------------------------
+    def train_step(self, index: int, lr: float) -> float:
+        self.model.train()
+        x, y = window(self.train_data, index, self.cfg.bptt)
+        if self.hidden is None:
+            self.hidden = self.model.init_state(x.size(0))
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            loss, hidden = self.objective(x, self.hidden.detach(), y)
+        self.hidden = hidden.detach().float()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return loss.item()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        total_steps = cfg.max_steps or cfg.epochs * self.windows
+        started = time.perf_counter()
+        stopped = False
+        bar = self._bar()
+        while p.epoch <= cfg.epochs and not stopped:
+            if cfg.schedule == "step" and p.window == 0 and p.epoch > cfg.decay_start:
+                p.lr_scale *= cfg.decay_factor
+            window_loss, window_tokens, tick = 0.0, 0, time.perf_counter()
+            while p.window < self.windows:
+                if self._should_stop(started):
+                    stopped = True
+                    break
+                lr = learning_rate(cfg, p, total_steps, time.perf_counter() - started)
+                t0 = time.perf_counter()
+                loss = self.train_step(p.window, lr)
+                p.train_seconds += time.perf_counter() - t0
+                p.tokens += cfg.bptt * cfg.batch_size
+                p.window += 1
+                p.step += 1
+                window_loss, window_tokens = window_loss + loss, window_tokens + 1
+                if p.step % cfg.log_every == 0 or p.window == self.windows:
+                    p.train_loss = window_loss / window_tokens
+                    rate = window_tokens * cfg.bptt * cfg.batch_size / (time.perf_counter() - tick)
+                    self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss,
+                               "tokens_per_s": rate})
+                    self._bar_update(bar, rate)
+                    window_loss, window_tokens, tick = 0.0, 0, time.perf_counter()
+                if p.step % cfg.save_every == 0:
+                    self.snapshot()
+            if not stopped:
+                self.end_epoch()
+        if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
+            self.validate()  # a bounded run still reports where it got to
+        self.snapshot()
+        if bar is not None:
+            bar.close()
+        self.plot()
+        return self.summary(time.perf_counter() - started)
+
+    def _should_stop(self, started: float) -> bool:
+        cfg = self.cfg
+        stop = (cfg.max_steps and self.progress.step >= cfg.max_steps) or \
+            (cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60)
+        if self.world > 1:  # every process must stop at the same step
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return bool(stop)
+
+    def end_epoch(self) -> None:
+        p = self.progress
+        self.validate()
+        if self.cfg.schedule == "plateau" and p.valid_loss >= p.plateau_best:
+            p.lr_scale *= self.cfg.decay_factor
+        p.plateau_best = min(p.plateau_best, p.valid_loss)
+        p.epoch += 1
+        p.window = 0
+        self.hidden = None  # each epoch starts from a zero state
+        self.snapshot()
+
+    def validate(self) -> None:
+        """Validation loss; saves the weights as the run's checkpoint when they are the best so far."""
+        p = self.progress
+        p.valid_loss = token_nll(self.model, self.valid_ids, self.cfg.eval_batch_size, self.cfg.bptt).mean().item()
+        improved = p.valid_loss < p.best_valid
+        record = {"step": p.step, "epoch": p.epoch, "valid_loss": p.valid_loss,
+                  "valid_perplexity": math.exp(min(p.valid_loss, 700))}
+        if self.tokenizer.kind == "char":
+            record["valid_bpc"] = p.valid_loss / math.log(2)
+        self._log(record)
+        if improved:
+            p.best_valid = p.valid_loss
+            if self.rank == 0:
+                checkpoint.save(self.out, self.model, self.recipe, self.tokenizer, extra=record)
+
+    # ---- resume -----------------------------------------------------------------------------
+    def _gathered(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        if self.world == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor)
+        return parts
+
+    def snapshot(self) -> None:
+        """Write resume/ (atomically, as a whole directory) with all a later --resume needs."""
+        hidden = self.hidden if self.hidden is not None else self.model.init_state(self.train_data.size(0))
+        hiddens = self._gathered(hidden.contiguous())
+        rngs = self._gathered(torch.get_rng_state().to(self.device))
+        if self.rank != 0:
+            return
+        tensors = {f"model.{k}": v for k, v in checkpoint.tensors_of(self.model).items()}
+        opt = self.optimizer.state_dict()
+        meta = {"param_groups": opt["param_groups"], "state": {}}
+        for idx, values in opt["state"].items():
+            meta["state"][str(idx)] = {}
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    meta["state"][str(idx)][key] = value
+        tensors["hidden"] = torch.cat(hiddens, dim=3).cpu()
+        for r, rng in enumerate(rngs):
+            tensors[f"rng.{r}"] = rng.cpu()
+        state = {"progress": asdict(self.progress), "optimizer": meta, "world": self.world}
+        tmp = Path(tempfile.mkdtemp(prefix=".resume.tmp-", dir=self.out))
+        try:
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+            checkpoint.write_json(tmp / "state.json", state)
+            checkpoint.replace_dir(tmp, self.out / "resume")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def restore(self) -> None:
+        folder = self.out / "resume"
+        state = checkpoint.read_json(folder / "state.json")
+        if state["world"] != self.world:
+            raise NlmError(f"{folder}: saved by {state['world']} processes; resume it with the same number")
+        tensors = load_file(str(folder / "tensors.safetensors"))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        opt_state = {}
+        for idx, values in state["optimizer"]["state"].items():
+            opt_state[int(idx)] = dict(values)
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, idx, key = name.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        self.progress = Progress(**state["progress"])
+        per = self.train_data.size(0)
+        hidden = tensors["hidden"][:, :, :, self.rank * per:(self.rank + 1) * per]
+        self.hidden = hidden.to(self.device) if self.progress.window > 0 else None
+        torch.set_rng_state(tensors[f"rng.{self.rank}"])
+
+    # ---- reporting --------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _bar(self):
+        if not self.show_progress:
+            return None
+        from tqdm import tqdm
+
+        total = self.cfg.max_steps or self.cfg.epochs * self.windows
+        return tqdm(total=total, initial=self.progress.step, unit="step", dynamic_ncols=True, leave=False)
+
+    def _bar_update(self, bar, rate: float) -> None:
+        if bar is None:
+            return
+        p = self.progress
+        bar.n = p.step
+        bar.set_postfix(epoch=p.epoch, loss=f"{p.train_loss:.3f}", ppl=f"{math.exp(min(p.train_loss, 50)):.1f}",
+                        tok_s=f"{rate:.0f}", refresh=False)
+        bar.refresh()
+
+    def plot(self) -> None:
+        if self.rank == 0:
+            from neurallm.plots import training_curves
+
+            training_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+    def summary(self, seconds: float) -> dict:
+        p = self.progress
+        out = {"checkpoint": str(self.out), "steps": p.step, "epochs_completed": p.epoch - 1,
+               "seconds": seconds, "train_seconds": p.train_seconds, "tokens": p.tokens,
+               "tokens_per_s": p.tokens / max(p.train_seconds, 1e-9), "train_loss": p.train_loss,
+               "valid_loss": p.valid_loss, "valid_perplexity": math.exp(min(p.valid_loss, 700)),
+               "best_valid_loss": p.best_valid, "peak_rss_mb": peak_rss_mb(),
+               "processes": self.world, "device": str(self.device)}
+        if self.tokenizer.kind == "char":
+            out["valid_bpc"] = p.valid_loss / math.log(2)
+        return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(recipe: config.Recipe, out, resume: bool = False, show_progress: bool = True) -> dict:
+    trainer = Trainer(recipe, Path(out), resume=resume, show_progress=show_progress)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

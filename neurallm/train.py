@@ -152,6 +152,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        loss = loss.detach()
+        if self.world > 1:  # report the loss of the global batch, as one process would
+            dist.all_reduce(loss)
+            loss /= self.world
         return loss.item()
 
     # ---- the loop ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ register(Corpus(
     },
     splits={"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
     sources=(Source("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz", {
-        f"./simple-examples/data/ptb.{s}.txt": f"ptb.{s}.txt" for s in ("train", "valid", "test")}),),
+        f"simple-examples/data/ptb.{s}.txt": f"ptb.{s}.txt" for s in ("train", "valid", "test")}),),
 ))
 
 register(Corpus(
@@ -90,7 +90,8 @@ register(Corpus(
 
 def get(name: str) -> Corpus:
     if name not in REGISTRY:
-        raise NlmError(f"unknown corpus {name!r} (known: {', '.join(sorted(REGISTRY))})")
+        raise NlmError(f"unknown corpus {name!r} (known: {', '.join(sorted(REGISTRY))}; "
+                       "or a folder holding train.txt, valid.txt and test.txt)")
     return REGISTRY[name]
 
 
@@ -152,9 +153,9 @@ def download(corpus: Corpus, progress: bool = True) -> None:
             missing = [f for f in corpus.files if not (target / f).is_file()]
             raise NlmError(_missing_message(corpus, missing, f"download failed ({e})")) from None
         with tempfile.TemporaryDirectory(dir=target) as tmp:
-            for member, local in _extract(source, payload).items():
+            for local, data in _extract(source, payload).items():
                 staged = Path(tmp) / local
-                staged.write_bytes(member)
+                staged.write_bytes(data)
                 _verify(staged, corpus.files[local])
                 _verified.discard(staged)
                 os.replace(staged, target / local)  # atomic: a killed download leaves no half file
@@ -163,16 +164,26 @@ def download(corpus: Corpus, progress: bool = True) -> None:
 def _extract(source: Source, payload: bytes) -> dict[str, bytes]:
     if not source.members:
         return {Path(source.url).name: payload}
+    wanted = {_norm(member): local for member, local in source.members.items()}
     out = {}
     if source.url.endswith((".tgz", ".tar.gz")):
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
-            for member, local in source.members.items():
-                out[local] = tar.extractfile(member).read()
+            for member in tar.getmembers():
+                if _norm(member.name) in wanted and member.isfile():
+                    out[wanted[_norm(member.name)]] = tar.extractfile(member).read()
     else:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-            for member, local in source.members.items():
-                out[local] = archive.read(member)
+            for name in archive.namelist():
+                if _norm(name) in wanted:
+                    out[wanted[_norm(name)]] = archive.read(name)
+    missing = sorted(set(wanted.values()) - set(out))
+    if missing:
+        raise NlmError(f"{source.url}: archive lacks {', '.join(missing)}")
     return out
+
+
+def _norm(member: str) -> str:
+    return member[2:] if member.startswith("./") else member
 
 
 def path(name: str, filename: str, fetch: bool = True) -> Path:
@@ -207,7 +218,9 @@ def read_text(file: Path | str) -> str:
 
 
 def split_text(name: str, split: str) -> str:
-    """The text of one split of a registered corpus."""
+    """The text of one split: of a registered corpus, or ``DIR/SPLIT.txt`` when ``name`` is a folder."""
+    if name not in REGISTRY and Path(name).is_dir():
+        return read_text(Path(name) / f"{split}.txt")
     corpus = get(name)
     if split not in corpus.splits:
         raise NlmError(f"corpus {name} has no split {split!r} (splits: {', '.join(corpus.splits)})")

@@ -81,7 +81,7 @@ class WordTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return "".join(self.stream_text(i) for i in ids).strip(" ")
+        return "".join(self.stream_text(i) for i in ids).replace(" \n", "\n").strip(" ")
 
     def token(self, i: int) -> str:
         return self.vocab[i]

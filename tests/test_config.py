@@ -1,0 +1,46 @@
+"""Recipes and overrides: every shipped recipe loads; bad keys and values get clear errors."""
+
+import pytest
+
+from neurallm import config
+from neurallm.errors import NlmError
+
+
+def test_shipped_recipes_include_the_required_ones():
+    assert {"ptb-small", "ptb-medium", "wikitext2-small", "wikitext2", "shakespeare-char"} <= set(config.list_recipes())
+
+
+@pytest.mark.parametrize("name", config.list_recipes())
+def test_every_recipe_loads(name):
+    recipe = config.load_recipe(name)
+    assert recipe.model.num_layers >= 1 and recipe.train.epochs >= 1
+    assert recipe.data.corpus
+
+
+def test_overrides_are_typed():
+    recipe = config.load_recipe("ptb-small", ["--model.hidden_size=650", "--train.lr", "1", "--model.tie_weights=false",
+                                              "--model.adaptive_cutoffs=100,500"])
+    assert recipe.model.hidden_size == 650 and recipe.train.lr == 1.0
+    assert recipe.model.tie_weights is False and recipe.model.adaptive_cutoffs == (100, 500)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.hiden_size=3", r"unknown key model\.hiden_size"),
+    ("--modle.hidden_size=3", r"unknown section \[modle\]"),
+    ("--model.hidden_size=big", r"bad value for model\.hidden_size: 'big' \(expected an integer\)"),
+    ("--model.cell=transformer", r"model\.cell.*one of lstm, gru, rnn_tanh, rnn_relu"),
+    ("--model.dropout=1.5", r"model\.dropout"),
+    ("--train.optimizer=lion", r"train\.optimizer"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(NlmError, match=message):
+        config.load_recipe("ptb-small", [override])
+
+
+def test_unknown_recipe_and_bad_toml(tmp_path):
+    with pytest.raises(NlmError, match="unknown recipe 'nope'"):
+        config.load_recipe("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nhidden_size = 3\n")
+    with pytest.raises(NlmError, match="not a valid TOML recipe"):
+        config.load_recipe(str(bad))

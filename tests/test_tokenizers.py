@@ -1,0 +1,63 @@
+"""Tokenizers: round trips, PTB conventions, unknown characters, JSON form."""
+
+import pytest
+
+from neurallm.data import tokenizers
+from neurallm.errors import NlmError
+
+from conftest import head, need
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. — café ✓\n"
+
+
+def test_char_round_trip_and_unknown_character():
+    tok = tokenizers.train("char", TEXT)
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    with pytest.raises(NlmError, match=r"--prompt: character 'Z' at position 3"):
+        tok.encode("FirZ", source="--prompt")
+
+
+def test_bpe_round_trip_on_real_text_and_unseen_characters():
+    text = head(need("tinyshakespeare", "input.txt"), 400)
+    tok = tokenizers.train("bpe", text, vocab_size=400)
+    assert tok.vocab_size == 400
+    for sample in (text[:2000], TEXT, "unseen: 東京 ∑ 🙂\n\n  spaces  "):
+        ids = tok.encode(sample)
+        assert tok.decode(ids) == sample
+    assert len(tok.encode(text)) < len(text) / 1.5  # merges were learned
+
+
+def test_bpe_stream_decoding_waits_for_whole_characters():
+    tok = tokenizers.train("bpe", TEXT * 3, vocab_size=300)
+    ids = tok.encode("🙂 café")
+    write = tok.stream()
+    pieces = [write(i) for i in ids]
+    assert "".join(pieces) == "🙂 café"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_word_tokenizer_follows_ptb_conventions():
+    text = head(need("ptb", "ptb.train.txt"), 50)
+    tok = tokenizers.train("word", text)
+    ids = tok.encode(text)
+    assert ids.count(tok.boundary) == 50  # one <eos> per line
+    assert tok.decode(ids) == "".join(" ".join(line.split()) + "\n" for line in text.splitlines())
+    assert tok.encode("the zzzz-never-seen\n") == [tok.index["the"], tok.unk, tok.boundary]
+    assert tok.encode("the") == [tok.index["the"]]  # no line end, no <eos>
+    assert tok.vocab[:2] == ["<eos>", "<unk>"]
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_json_round_trip(kind):
+    tok = tokenizers.train(kind, TEXT * 3, vocab_size=300)
+    again = tokenizers.from_json(tok.to_json())
+    assert again.encode(TEXT) == tok.encode(TEXT)
+    assert again.vocab_size == tok.vocab_size
+    assert again.boundary == tok.boundary
+
+
+def test_malformed_tokenizer_json():
+    with pytest.raises(NlmError, match="unknown tokenizer type"):
+        tokenizers.from_json({"type": "sentencepiece"})
+    with pytest.raises(NlmError, match="malformed char tokenizer"):
+        tokenizers.from_json({"type": "char"})

@@ -1,0 +1,120 @@
+"""Training: files written, loss falls, seeds repeat, resume is exact, checkpoints round-trip."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neurallm import checkpoint, config
+from neurallm.errors import NlmError
+from neurallm.evaluate import evaluate
+from neurallm.train import train
+
+from conftest import TINY
+
+
+def recipe(corpus, *extra):
+    return config.load_recipe("ptb-small", [f"--data.corpus={corpus}", *TINY, "--train.batch_size=16",
+                                            "--train.bptt=20", *extra])
+
+
+def test_training_writes_a_checkpoint_and_lowers_the_loss(word_corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train(recipe(word_corpus, "--train.max_steps=40", "--train.lr=20"), out, show_progress=False)
+    for key in ("tokens_per_s", "steps", "seconds", "train_loss", "valid_perplexity", "checkpoint"):
+        assert key in result
+    assert result["steps"] == 40 and result["checkpoint"] == str(out)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "curves.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0] - 1.0  # from about ln(vocab) = 7 nats down
+    assert result["valid_perplexity"] < math.exp(losses[0])
+    with pytest.raises(NlmError, match="already holds a run"):
+        train(recipe(word_corpus, "--train.max_steps=1"), out, show_progress=False)
+
+
+def _weights(out):
+    return load_file(str(out / "resume" / "tensors.safetensors"))
+
+
+def test_resume_continues_exactly(word_corpus, tmp_path):
+    # ~20 windows per epoch: 50 steps cross two epoch ends, with dropout drawing random numbers.
+    extra = ["--train.schedule=plateau", "--model.dropout=0.3", "--model.dropout_emb=0.1"]
+    whole = tmp_path / "whole"
+    train(recipe(word_corpus, "--train.max_steps=50", *extra), whole, show_progress=False)
+    split = tmp_path / "split"
+    train(recipe(word_corpus, "--train.max_steps=27", *extra), split, show_progress=False)
+    state = json.loads((split / "resume" / "state.json").read_text())
+    assert state["progress"]["step"] == 27 and state["progress"]["window"] > 0  # stopped mid-epoch
+    train(recipe(word_corpus, "--train.max_steps=50", *extra), split, resume=True, show_progress=False)
+    a, b = _weights(whole), _weights(split)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    train_losses = lambda out: [r["train_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                                if "train_loss" in r]  # noqa: E731
+    assert train_losses(whole) == train_losses(split)
+
+
+def test_same_seed_same_run_other_seed_other_run(word_corpus, tmp_path):
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train(recipe(word_corpus, "--train.max_steps=5", f"--train.seed={seed}"), tmp_path / name, show_progress=False)
+        runs[name] = _weights(tmp_path / name)
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_checkpoint_round_trip_gives_identical_evaluation(char_corpus, tmp_path):
+    r = config.load_recipe("shakespeare-char", [f"--data.corpus={char_corpus}", *TINY, "--train.max_steps=10"])
+    out = tmp_path / "run"
+    train(r, out, show_progress=False)
+    model, loaded_recipe, tok = checkpoint.load(out)
+    text = (char_corpus / "test.txt").read_text()
+    first = evaluate(model, tok, tok.encode(text))
+    checkpoint.save(tmp_path / "copy", model, loaded_recipe, tok)
+    again, _, tok2 = checkpoint.load(tmp_path / "copy")
+    second = evaluate(again, tok2, tok2.encode(text))
+    assert first["nll"] == second["nll"] and first["tokens"] == second["tokens"] == len(text)
+    assert abs(first["bpc"] - first["nll"] / math.log(2)) < 1e-12
+
+
+def test_checkpoint_errors(char_corpus, tmp_path):
+    r = config.load_recipe("shakespeare-char", [f"--data.corpus={char_corpus}", *TINY, "--train.max_steps=2"])
+    out = tmp_path / "run"
+    train(r, out, show_progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"]["hidden_size"] = 32
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NlmError, match=r"model.safetensors: .* has shape .*config.json implies"):
+        checkpoint.load(out)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(NlmError, match="checkpoint is missing tokenizer.json"):
+        checkpoint.load(out)
+    with pytest.raises(NlmError, match="no such checkpoint directory"):
+        checkpoint.load(tmp_path / "nothing")
+
+
+def test_a_save_killed_half_way_leaves_the_old_checkpoint(char_corpus, tmp_path, monkeypatch):
+    r = config.load_recipe("shakespeare-char", [f"--data.corpus={char_corpus}", *TINY, "--train.max_steps=2"])
+    out = tmp_path / "run"
+    train(r, out, show_progress=False)
+    model, loaded, tok = checkpoint.load(out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def dies(tensors, path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", dies)
+    with torch.no_grad():
+        model.embedding.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(out, model, loaded, tok)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    checkpoint.load(out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -111,10 +110,4 @@ def load(directory, device: str = "cpu"):
                        f"model.vocab_size = {recipe.model.vocab_size}")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), recipe, tokenizer
-
-
-def info(directory) -> dict:
-    data = read_json(Path(directory) / "config.json")
-    return data.get("info", {})
-
 

@@ -14,7 +14,10 @@ import math
 import os
 import resource
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -165,6 +168,7 @@ class Trainer:
         started = time.perf_counter()
         stopped = False
         bar = self._bar()
+        self._catch_interrupt()
         while p.epoch <= cfg.epochs and not stopped:
             if cfg.schedule == "step" and p.window == 0 and p.epoch > cfg.decay_start:
                 p.lr_scale *= cfg.decay_factor
@@ -197,12 +201,29 @@ class Trainer:
         self.snapshot()
         if bar is not None:
             bar.close()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
         self.plot()
         return self.summary(time.perf_counter() - started)
 
+    def _catch_interrupt(self) -> None:
+        """The first Ctrl-C ends the run cleanly after the current step (resumable); a second one aborts."""
+        self.interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_sigint = previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+            if self.show_progress:
+                print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, handler)
+
     def _should_stop(self, started: float) -> bool:
         cfg = self.cfg
-        stop = (cfg.max_steps and self.progress.step >= cfg.max_steps) or \
+        stop = self.interrupted or (cfg.max_steps and self.progress.step >= cfg.max_steps) or \
             (cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60)
         if self.world > 1:  # every process must stop at the same step
             flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
@@ -331,7 +352,7 @@ class Trainer:
                "tokens_per_s": p.tokens / max(p.train_seconds, 1e-9), "train_loss": p.train_loss,
                "valid_loss": p.valid_loss, "valid_perplexity": math.exp(min(p.valid_loss, 700)),
                "best_valid_loss": p.best_valid, "peak_rss_mb": peak_rss_mb(),
-               "processes": self.world, "device": str(self.device)}
+               "processes": self.world, "device": str(self.device), "interrupted": self.interrupted}
         if self.tokenizer.kind == "char":
             out["valid_bpc"] = p.valid_loss / math.log(2)
         return out

@@ -36,6 +36,11 @@ def test_training_writes_a_checkpoint_and_lowers_the_loss(word_corpus, tmp_path)
         train(recipe(word_corpus, "--train.max_steps=1"), out, show_progress=False)
 
 
+def _train_losses(out):
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r["train_loss"] for r in records if "train_loss" in r]
+
+
 def _weights(out):
     return load_file(str(out / "resume" / "tensors.safetensors"))
 
@@ -54,9 +59,7 @@ def test_resume_continues_exactly(word_corpus, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    train_losses = lambda out: [r["train_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                                if "train_loss" in r]  # noqa: E731
-    assert train_losses(whole) == train_losses(split)
+    assert _train_losses(whole) == _train_losses(split)
 
 
 def test_same_seed_same_run_other_seed_other_run(word_corpus, tmp_path):
@@ -118,3 +121,28 @@ def test_a_save_killed_half_way_leaves_the_old_checkpoint(char_corpus, tmp_path,
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     checkpoint.load(out)
+
+
+def test_ctrl_c_stops_cleanly_and_resumes_exactly(word_corpus, tmp_path, monkeypatch):
+    import signal
+
+    from neurallm import train as train_mod
+
+    whole = tmp_path / "whole"
+    train(recipe(word_corpus, "--train.max_steps=12"), whole, show_progress=False)
+    real_step = train_mod.Trainer.train_step
+
+    def step_then_interrupt(self, index, lr):
+        loss = real_step(self, index, lr)
+        if self.progress.step == 6:  # the 7th step is running: Ctrl-C arrives in the middle of it
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_interrupt)
+    split = tmp_path / "split"
+    result = train(recipe(word_corpus, "--train.max_steps=12"), split, show_progress=False)
+    assert result["interrupted"] and result["steps"] == 7
+    monkeypatch.undo()
+    train(recipe(word_corpus, "--train.max_steps=12"), split, resume=True, show_progress=False)
+    a, b = _weights(whole), _weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,14 @@
+# Sourced by demo.sh and test.sh: a virtual environment with the CPU build of torch 2.13.0.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# Benchmark data: a local folder laid out like shared/data, where there is one.
+if [ -z "${NLM_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export NLM_DATA_DIR="$(cd ../shared/data && pwd)"
+fi

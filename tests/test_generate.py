@@ -1,0 +1,54 @@
+"""Sampling rules and the id generator."""
+
+import math
+
+import pytest
+import torch
+
+from neurallm.config import ModelConfig
+from neurallm.errors import NlmError
+from neurallm.generate import Sampling, generate, sample
+from neurallm.models.lm import RNNLM
+
+LOGPROBS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+
+def draws(sampling, n=400):
+    rng = torch.Generator().manual_seed(0)
+    return {sample(LOGPROBS, rng, sampling) for _ in range(n)}
+
+
+def test_greedy_top_k_top_p_limit_the_support():
+    assert draws(Sampling(temperature=0)) == {0}
+    assert draws(Sampling()) == {0, 1, 2, 3}
+    assert draws(Sampling(top_k=2)) == {0, 1}
+    assert draws(Sampling(top_p=0.79)) == {0, 1}  # 0.5 + 0.3 reaches 0.79
+    assert draws(Sampling(top_p=0.81)) == {0, 1, 2}
+    assert draws(Sampling(top_p=0.1)) == {0}  # the most likely id is always kept
+
+
+def test_temperature_sharpens():
+    rng = torch.Generator().manual_seed(0)
+    cold = sum(sample(LOGPROBS, rng, Sampling(temperature=0.2)) == 0 for _ in range(500))
+    hot = sum(sample(LOGPROBS, rng, Sampling(temperature=2.0)) == 0 for _ in range(500))
+    assert cold > 450 and hot < 300
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}])
+def test_bad_sampling_settings(bad):
+    with pytest.raises(NlmError):
+        Sampling(**bad)
+
+
+def test_greedy_generation_follows_the_full_forward_pass():
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=30, emb_size=8, hidden_size=8, dropout=0.0)).eval()
+    prompt = [1, 5, 7]
+    out = list(generate(model, prompt, 6, Sampling(temperature=0), torch.Generator()))
+    ids = list(prompt)
+    with torch.no_grad():
+        for token in out:
+            features, _ = model(torch.tensor([ids]))
+            assert token == int(model.log_probs(features[0, -1]).argmax())
+            ids.append(token)
+    assert len(out) == 6 and not math.isnan(sum(out))

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from neurallm import config as config_mod
+from neurallm import runtime
 from neurallm.data import tokenizers
 from neurallm.errors import NlmError
 from neurallm.models.lm import RNNLM
@@ -28,7 +29,8 @@ def write_json(path: Path, data) -> None:
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a fully written directory into place; the old one is removed only afterwards."""
+    """Move a fully written directory into place; the old one is removed only afterwards
+    (``recover_dir`` puts it back if a crash came between the two renames)."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -36,6 +38,14 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    """After a crash inside ``replace_dir``: put the set-aside old directory back."""
+    if not target.exists():
+        for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+            os.replace(old, target)
+            break
 
 
 def atomic_write(path: Path, write) -> None:
@@ -57,13 +67,18 @@ def tensors_of(model) -> dict:
     return state
 
 
-def save(directory, model: RNNLM, recipe, tokenizer, extra: dict | None = None) -> Path:
-    """Write (or update) a checkpoint. Each file is replaced atomically, the weights last."""
-    directory = Path(directory)
+def save_description(directory: Path, recipe, tokenizer, extra: dict | None = None) -> None:
+    """config.json and tokenizer.json: all of a checkpoint but its weights."""
     directory.mkdir(parents=True, exist_ok=True)
     config = {**recipe.to_dict(), **({"info": extra} if extra else {})}
     atomic_write(directory / "config.json", lambda p: write_json(p, config))
     atomic_write(directory / "tokenizer.json", lambda p: write_json(p, tokenizer.to_json()))
+
+
+def save(directory, model: RNNLM, recipe, tokenizer, extra: dict | None = None) -> Path:
+    """Write (or update) a checkpoint. Each file is replaced atomically, the weights last."""
+    directory = Path(directory)
+    save_description(directory, recipe, tokenizer, extra)
     weights = tensors_of(model)
     atomic_write(directory / "model.safetensors", lambda p: save_file(weights, str(p)))
     return directory
@@ -74,6 +89,8 @@ def read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NlmError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise NlmError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def load(directory, device: str = "cpu"):
@@ -85,7 +102,8 @@ def load(directory, device: str = "cpu"):
         if not (directory / name).is_file():
             raise NlmError(f"{directory}: checkpoint is missing {name} (expected {', '.join(FILES)})")
     data = read_json(directory / "config.json")
-    data.pop("info", None)
+    if isinstance(data, dict):
+        data.pop("info", None)
     recipe = config_mod.build(data, source=str(directory / "config.json"))
     tokenizer = tokenizers.from_json(read_json(directory / "tokenizer.json"), str(directory / "tokenizer.json"))
     model = RNNLM(recipe.model)
@@ -109,5 +127,5 @@ def load(directory, device: str = "cpu"):
         raise NlmError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, config.json says "
                        f"model.vocab_size = {recipe.model.vocab_size}")
     model.load_state_dict(state, strict=False)
-    return model.to(device).eval(), recipe, tokenizer
+    return model.to(runtime.pick_device(device)).eval(), recipe, tokenizer
 

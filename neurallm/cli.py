@@ -115,6 +115,13 @@ def cmd_data(args, _) -> int:
     return 0
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (the --out of nlm train)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -141,15 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus name (default: the one the model was trained on)")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--file", help="any UTF-8 text file instead of a corpus split")
-    p.add_argument("--batch-size", type=int, default=1, help="rows read in parallel (1: exact sequential score)")
-    p.add_argument("--bptt", type=int, default=70)
+    p.add_argument("--batch-size", type=positive, default=1, help="rows read in parallel (1: exact sequential score)")
+    p.add_argument("--bptt", type=positive, default=70)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("generate", help="stream sampled text")
     _add_model_args(p)
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--max-tokens", type=positive, default=200)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

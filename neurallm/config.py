@@ -67,6 +67,7 @@ class ModelConfig:
             value = getattr(self, key)
             _check(0.0 <= value < 1.0, f"model.{key}", value, "a probability in [0, 1)")
         cutoffs = list(self.adaptive_cutoffs)
+        _check(self.adaptive_div_value > 0, "model.adaptive_div_value", self.adaptive_div_value, "a positive number")
         _check(cutoffs == sorted(set(cutoffs)) and all(c > 0 for c in cutoffs), "model.adaptive_cutoffs",
                self.adaptive_cutoffs, "increasing positive integers")
         _check(self.tie_weights is False or self.softmax == "full", "model.tie_weights", self.tie_weights,
@@ -105,6 +106,8 @@ class TrainConfig:
         for key in ("batch_size", "bptt", "epochs", "eval_batch_size", "log_every", "save_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        for key in ("clip", "momentum", "weight_decay", "warmup_steps"):
+            _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "a number >= 0")
         _check(0 < self.decay_factor <= 1, "train.decay_factor", self.decay_factor, "a number in (0, 1]")
         _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "a number >= 0")
@@ -159,10 +162,14 @@ def _coerce(section: str, key: str, value, cls):
 
 def build(sections: dict, source: str = "recipe") -> Recipe:
     """Make a Recipe from ``{"model": {"hidden_size": 650}, ...}``, naming any unknown key."""
+    if not isinstance(sections, dict):
+        raise NlmError(f"{source}: expected a table of sections [data], [model], [train]")
     parts = {}
     for section, values in sections.items():
         if section not in SECTIONS:
             raise NlmError(f"{source}: unknown section [{section}] (expected one of: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise NlmError(f"{source}: [{section}] must be a table of keys, not {values!r}")
         cls = SECTIONS[section]
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
@@ -216,7 +223,9 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise NlmError(f"{path}: not a valid TOML recipe: {e}") from None
     for section, values in parse_overrides(overrides or []).items():
-        sections.setdefault(section, {}).update(values)
+        if not isinstance(sections.setdefault(section, {}), dict):
+            raise NlmError(f"{path}: [{section}] must be a table of keys")
+        sections[section].update(values)
     return build(sections, source=str(path))
 
 

@@ -16,9 +16,10 @@ def token_nll(model, ids: torch.Tensor, batch_size: int = 1, bptt: int = 70) -> 
     """Negative log-likelihood (nats) of each token of a stream, predicted from all before it.
 
     The stream starts with the tokenizer's boundary token (prepended by the caller), so
-    every real token is scored. It is cut into ``batch_size`` rows, each read left to
-    right with its state carried across windows; with batch 1 this is the exact
-    sequential score. Returns (batch, tokens_per_row).
+    with batch 1 every real token is scored, each from its whole history: the exact
+    sequential score. ``batch_size`` > 1 cuts the stream into rows read in parallel,
+    which is faster but leaves each row's first token and the short tail unscored
+    (as pytorch/examples does); training's validation uses it. Returns (batch, tokens_per_row).
     """
     model.eval()
     device = next(model.parameters()).device

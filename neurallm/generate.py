@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,7 +18,7 @@ class Sampling:
     top_p: float = 1.0  # nucleus sampling (Holtzman et al. 2020); 1: no cut
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise NlmError(f"--temperature {self.temperature}: expected a number >= 0")
         if self.top_k < 0:
             raise NlmError(f"--top-k {self.top_k}: expected an integer >= 0")
@@ -54,7 +55,8 @@ def generate(model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, 
     if not prompt_ids:
         raise NlmError("generation needs at least one token to start from")
     features, state = model(torch.tensor([prompt_ids], device=device), state)
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         token = sample(model.log_probs(features[0, -1]).cpu(), rng, sampling)
         yield token
-        features, state = model(torch.tensor([[token]], device=device), state)
+        if i + 1 < max_tokens:
+            features, state = model(torch.tensor([[token]], device=device), state)

@@ -113,6 +113,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         tokenizer = None
         if resume:
+            checkpoint.recover_dir(self.out / "resume")
             if not (self.out / "resume" / "state.json").is_file():
                 raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
             tokenizer = tokenizers.from_json(checkpoint.read_json(self.out / "tokenizer.json"))
@@ -130,7 +131,12 @@ class Trainer:
         self.model = RNNLM(self.recipe.model).to(self.device)
         self.objective = Objective(self.model)
         if self.world > 1:
-            self.objective = nn.parallel.DistributedDataParallel(self.objective)
+            # An adaptive softmax skips a tail cluster that no target of a batch falls in.
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective, find_unused_parameters=self.recipe.model.softmax == "adaptive")
+        if not resume and self.rank == 0:
+            # The checkpoint's description goes first, so resume/ is never without it.
+            checkpoint.save_description(self.out, self.recipe, self.tokenizer)
         self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
         self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
         self.progress = Progress()
@@ -139,7 +145,8 @@ class Trainer:
             self.restore()
 
     # ---- one step -------------------------------------------------------------------------
-    def train_step(self, index: int, lr: float) -> float:
+    def train_step(self, index: int, lr: float) -> tuple[float, int]:
+        """One window: forward, backward, clip, update. -> (loss of the global batch, tokens in it)."""
         self.model.train()
         x, y = window(self.train_data, index, self.cfg.bptt)
         if self.hidden is None:
@@ -159,39 +166,38 @@ class Trainer:
         if self.world > 1:  # report the loss of the global batch, as one process would
             dist.all_reduce(loss)
             loss /= self.world
-        return loss.item()
+        return loss.item(), y.numel() * self.world
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, p = self.cfg, self.progress
         total_steps = cfg.max_steps or cfg.epochs * self.windows
         started = time.perf_counter()
+        self.elapsed = 0.0
         stopped = False
         bar = self._bar()
         self._catch_interrupt()
         while p.epoch <= cfg.epochs and not stopped:
-            if cfg.schedule == "step" and p.window == 0 and p.epoch > cfg.decay_start:
-                p.lr_scale *= cfg.decay_factor
-            window_loss, window_tokens, tick = 0.0, 0, time.perf_counter()
+            window_loss, window_tokens, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
             while p.window < self.windows:
                 if self._should_stop(started):
                     stopped = True
                     break
-                lr = learning_rate(cfg, p, total_steps, time.perf_counter() - started)
+                lr = learning_rate(cfg, p, total_steps, self.elapsed)
                 t0 = time.perf_counter()
-                loss = self.train_step(p.window, lr)
+                loss, tokens = self.train_step(p.window, lr)
                 p.train_seconds += time.perf_counter() - t0
-                p.tokens += cfg.bptt * cfg.batch_size
+                p.tokens += tokens
                 p.window += 1
                 p.step += 1
                 window_loss, window_tokens = window_loss + loss, window_tokens + 1
                 if p.step % cfg.log_every == 0 or p.window == self.windows:
                     p.train_loss = window_loss / window_tokens
-                    rate = window_tokens * cfg.bptt * cfg.batch_size / (time.perf_counter() - tick)
+                    rate = (p.tokens - tokens_at_tick) / (time.perf_counter() - tick)
                     self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss,
                                "tokens_per_s": rate})
                     self._bar_update(bar, rate)
-                    window_loss, window_tokens, tick = 0.0, 0, time.perf_counter()
+                    window_loss, window_tokens, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
                 if p.step % cfg.save_every == 0:
                     self.snapshot()
             if not stopped:
@@ -222,13 +228,15 @@ class Trainer:
         signal.signal(signal.SIGINT, handler)
 
     def _should_stop(self, started: float) -> bool:
+        """Also sets ``self.elapsed``; with several processes, rank 0's decision and clock hold for all."""
         cfg = self.cfg
+        self.elapsed = time.perf_counter() - started
         stop = self.interrupted or (cfg.max_steps and self.progress.step >= cfg.max_steps) or \
-            (cfg.max_minutes and time.perf_counter() - started >= cfg.max_minutes * 60)
-        if self.world > 1:  # every process must stop at the same step
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
+            (cfg.max_minutes and self.elapsed >= cfg.max_minutes * 60)
+        if self.world > 1:
+            shared = torch.tensor([1.0 if stop else 0.0, self.elapsed], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, 0)
+            stop, self.elapsed = bool(shared[0].item()), shared[1].item()
         return bool(stop)
 
     def end_epoch(self) -> None:
@@ -236,6 +244,8 @@ class Trainer:
         self.validate()
         if self.cfg.schedule == "plateau" and p.valid_loss >= p.plateau_best:
             p.lr_scale *= self.cfg.decay_factor
+        if self.cfg.schedule == "step" and p.epoch >= self.cfg.decay_start:
+            p.lr_scale *= self.cfg.decay_factor  # Zaremba et al.: decay after each epoch past decay_start
         p.plateau_best = min(p.plateau_best, p.valid_loss)
         p.epoch += 1
         p.window = 0
@@ -269,7 +279,7 @@ class Trainer:
         """Write resume/ (atomically, as a whole directory) with all a later --resume needs."""
         hidden = self.hidden if self.hidden is not None else self.model.init_state(self.train_data.size(0))
         hiddens = self._gathered(hidden.contiguous())
-        rngs = self._gathered(torch.get_rng_state().to(self.device))
+        rngs = self._gathered(self._rng_state().to(self.device))
         if self.rank != 0:
             return
         tensors = {f"model.{k}": v for k, v in checkpoint.tensors_of(self.model).items()}
@@ -285,7 +295,8 @@ class Trainer:
         tensors["hidden"] = torch.cat(hiddens, dim=3).cpu()
         for r, rng in enumerate(rngs):
             tensors[f"rng.{r}"] = rng.cpu()
-        state = {"progress": asdict(self.progress), "optimizer": meta, "world": self.world}
+        state = {"progress": asdict(self.progress), "optimizer": meta, "world": self.world,
+                 "recipe": self.recipe.to_dict()}
         tmp = Path(tempfile.mkdtemp(prefix=".resume.tmp-", dir=self.out))
         try:
             save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -300,6 +311,13 @@ class Trainer:
         state = checkpoint.read_json(folder / "state.json")
         if state["world"] != self.world:
             raise NlmError(f"{folder}: saved by {state['world']} processes; resume it with the same number")
+        saved = state["recipe"]
+        now = self.recipe.to_dict()
+        for section, key in [("data", k) for k in now["data"]] + [("model", k) for k in now["model"]] + \
+                [("train", "batch_size"), ("train", "bptt")]:
+            if json.loads(json.dumps(now[section][key])) != saved[section][key]:
+                raise NlmError(f"{folder}: the run was saved with {section}.{key} = {saved[section][key]!r}, "
+                               f"not {now[section][key]!r}; resume it with the same value")
         tensors = load_file(str(folder / "tensors.safetensors"))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
         opt_state = {}
@@ -314,7 +332,20 @@ class Trainer:
         per = self.train_data.size(0)
         hidden = tensors["hidden"][:, :, :, self.rank * per:(self.rank + 1) * per]
         self.hidden = hidden.to(self.device) if self.progress.window > 0 else None
-        torch.set_rng_state(tensors[f"rng.{self.rank}"])
+        self._set_rng_state(tensors[f"rng.{self.rank}"])
+
+    def _rng_state(self) -> torch.Tensor:
+        """CPU generator state, followed by this device's CUDA generator state when training on a GPU."""
+        state = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state = torch.cat([state, torch.cuda.get_rng_state(self.device)])
+        return state
+
+    def _set_rng_state(self, state: torch.Tensor) -> None:
+        cpu = torch.get_rng_state().numel()
+        torch.set_rng_state(state[:cpu].clone())
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state[cpu:].clone(), self.device)
 
     # ---- reporting --------------------------------------------------------------------------
     def _log(self, record: dict) -> None:

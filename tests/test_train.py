@@ -146,3 +146,16 @@ def test_ctrl_c_stops_cleanly_and_resumes_exactly(word_corpus, tmp_path, monkeyp
     train(recipe(word_corpus, "--train.max_steps=12"), split, resume=True, show_progress=False)
     a, b = _weights(whole), _weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_model_and_survives_an_early_kill(word_corpus, tmp_path):
+    out = tmp_path / "run"
+    train(recipe(word_corpus, "--train.max_steps=3"), out, show_progress=False)
+    with pytest.raises(NlmError, match="saved with model.hidden_size = 16, not 32"):
+        train(recipe(word_corpus, "--train.max_steps=6", "--model.hidden_size=32"), out, resume=True,
+              show_progress=False)
+    # Killed before any validation: resume/ and the description exist, the weights do not yet.
+    (out / "model.safetensors").unlink()
+    (out / "resume").rename(out / ".resume.old-123")  # and killed between the two renames of a snapshot
+    result = train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
+    assert result["steps"] == 6 and (out / "model.safetensors").is_file()

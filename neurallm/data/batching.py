@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from neurallm.errors import NlmError
+
 
 def columns(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(N,) -> (batch, N // batch); the tail that does not fill a row is dropped."""
+    if batch_size < 1:
+        raise NlmError(f"batch size {batch_size}: expected an integer >= 1")
     length = ids.numel() // batch_size
     if length < 2:
-        raise ValueError(f"{ids.numel()} tokens cannot fill {batch_size} rows of at least 2 tokens")
+        raise NlmError(f"{ids.numel()} tokens cannot fill {batch_size} rows of at least 2 tokens "
+                       "(a smaller batch size, or more text)")
     return ids[: length * batch_size].view(batch_size, length)
 
 

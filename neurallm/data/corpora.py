@@ -11,6 +11,7 @@ Every file is checked against its sha256 once per process.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import tarfile
@@ -149,11 +150,15 @@ def download(corpus: Corpus, progress: bool = True) -> None:
         try:
             with urllib.request.urlopen(source.url, timeout=60) as response:
                 payload = response.read()
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             missing = [f for f in corpus.files if not (target / f).is_file()]
             raise NlmError(_missing_message(corpus, missing, f"download failed ({e})")) from None
+        try:
+            files = _extract(source, payload)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+            raise NlmError(f"{source.url}: not the expected archive ({e})") from None
         with tempfile.TemporaryDirectory(dir=target) as tmp:
-            for local, data in _extract(source, payload).items():
+            for local, data in files.items():
                 staged = Path(tmp) / local
                 staged.write_bytes(data)
                 _verify(staged, corpus.files[local])

@@ -105,6 +105,8 @@ class BPETokenizer:
     def __init__(self, backend):
         self.backend = backend
         self.boundary = backend.token_to_id(self.EOT)
+        if self.boundary is None:
+            raise ValueError(f"no {self.EOT} token")
         self.vocab_size = backend.get_vocab_size()
 
     @classmethod
@@ -157,7 +159,7 @@ def train(kind: str, text: str, vocab_size: int = 8000):
 
 
 def from_json(data: dict, source: str = "tokenizer.json"):
-    kind = data.get("type")
+    kind = data.get("type") if isinstance(data, dict) else None
     if kind not in KINDS:
         raise NlmError(f"{source}: unknown tokenizer type {kind!r} (expected char, word or bpe)")
     try:

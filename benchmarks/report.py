@@ -1,0 +1,61 @@
+"""Print the README's results table from benchmarks/results/*.json.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from common import RESULTS
+
+
+def load(name: str):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def quality_rows() -> list[str]:
+    rows = []
+    for recipe, split, anchor in (("ptb-small", "test", "target ≤ 105; pytorch/examples 2×200 tied 110.4, Zaremba small 114.5"),
+                                  ("shakespeare-char", "valid", "target ≤ 1.55 nats; nanoGPT char (A100) 1.47"),
+                                  ("wikitext2", "test", "AWD-LSTM 65.8 after days on a GPU")):
+        r = load(f"quality-{recipe}")
+        if r is None:
+            continue
+        m, t = r[split], r["train"]
+        figure = f"{m['nll']:.3f} nats/char ({m['bpc']:.3f} bpc)" if "bpc" in m else f"perplexity {m['perplexity']:.1f}"
+        rows.append(f"| `{recipe}` | {split}: **{figure}** | {t['seconds'] / 60:.1f} min, {t['steps']} steps, "
+                    f"{t['tokens_per_s']:.0f} tok/s, peak RSS {t['peak_rss_mb']:.0f} MB | {anchor} | "
+                    f"`python benchmarks/quality.py {recipe} --minutes {r['budget_minutes']:g}"
+                    f"{' --split valid' if split == 'valid' else ''}` |")
+    return rows
+
+
+def speed_rows() -> list[str]:
+    rows = []
+    for corpus in ("ptb", "wikitext-2"):
+        r = load(f"speed-{corpus}")
+        if r is None:
+            continue
+        ref, ours = r["reference"], r["nlm"]
+        rows.append(f"| {corpus} (`{r['recipe']}`) | {ref['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f} | "
+                    f"**{r['speedup_tokens_per_s']:.2f}×** | {ref['valid_perplexity']:.1f} → {ours['valid_perplexity']:.1f} | "
+                    f"{ref['peak_rss_mb']:.0f} / {ours['peak_rss_mb']:.0f} MB | "
+                    f"{r['generate']['tokens_per_s']:.0f} tok/s, {r['generate']['peak_rss_mb']:.0f} MB | "
+                    f"`python benchmarks/speed.py {corpus} --recipe {r['recipe']} --minutes {r['minutes_each']:g}` |")
+    return rows
+
+
+def main() -> None:
+    print("| recipe | result | training | anchor | command |\n| --- | --- | --- | --- | --- |")
+    print("\n".join(quality_rows()))
+    print()
+    print("| corpus | reference tok/s | nlm tok/s | speed-up | valid ppl after same minutes (reference → nlm) "
+          "| training peak RSS (reference / nlm) | nlm generate | command |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(speed_rows()))
+
+
+if __name__ == "__main__":
+    main()

@@ -178,7 +178,7 @@ class Trainer:
         bar = self._bar()
         self._catch_interrupt()
         while p.epoch <= cfg.epochs and not stopped:
-            window_loss, window_tokens, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
+            window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
             while p.window < self.windows:
                 if self._should_stop(started):
                     stopped = True
@@ -190,14 +190,14 @@ class Trainer:
                 p.tokens += tokens
                 p.window += 1
                 p.step += 1
-                window_loss, window_tokens = window_loss + loss, window_tokens + 1
+                window_loss, window_steps = window_loss + loss, window_steps + 1
                 if p.step % cfg.log_every == 0 or p.window == self.windows:
-                    p.train_loss = window_loss / window_tokens
+                    p.train_loss = window_loss / window_steps
                     rate = (p.tokens - tokens_at_tick) / (time.perf_counter() - tick)
                     self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss,
                                "tokens_per_s": rate})
                     self._bar_update(bar, rate)
-                    window_loss, window_tokens, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
+                    window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
                 if p.step % cfg.save_every == 0:
                     self.snapshot()
             if not stopped:

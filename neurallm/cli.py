@@ -70,10 +70,8 @@ def cmd_generate(args, _) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     rng = torch.Generator().manual_seed(args.seed)
     prompt = [tokenizer.boundary] + tokenizer.encode(args.prompt, source="--prompt")
-    write = tokenizer.stream()
+    write = tokenizer.stream(after=args.prompt)
     sys.stdout.write(args.prompt)
-    if tokenizer.kind == "word" and args.prompt and not args.prompt.endswith((" ", "\n")):
-        sys.stdout.write(" ")
     for token in generate(model, prompt, args.max_tokens, sampling, rng):
         sys.stdout.write(write(token))
         sys.stdout.flush()

@@ -5,9 +5,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # pip's notes on absent local indexes
+quiet python -m pip install -q "torch==2.13.0"
+quiet python -m pip install -q -e ".[test]"
 # Benchmark data: a local folder laid out like shared/data, where there is one.
 if [ -z "${NLM_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export NLM_DATA_DIR="$(cd ../shared/data && pwd)"

@@ -42,7 +42,7 @@ class CharTokenizer:
     def token(self, i: int) -> str:
         return self.vocab[i]
 
-    def stream(self):
+    def stream(self, after: str = ""):
         return lambda i: self.vocab[i]
 
     def to_json(self) -> dict:
@@ -81,16 +81,25 @@ class WordTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return "".join(self.stream_text(i) for i in ids).replace(" \n", "\n").strip(" ")
+        write = self.stream()
+        return "".join(write(i) for i in ids)
 
     def token(self, i: int) -> str:
         return self.vocab[i]
 
-    def stream_text(self, i: int) -> str:
-        return "\n" if i == self.boundary else self.vocab[i] + " "
+    def stream(self, after: str = ""):
+        """Words joined by single spaces, ``<eos>`` as a line end; ``after`` is the text already shown."""
+        line_start = [not after or after[-1].isspace()]
 
-    def stream(self):
-        return self.stream_text
+        def write(i: int) -> str:
+            if i == self.boundary:
+                line_start[0] = True
+                return "\n"
+            text = self.vocab[i] if line_start[0] else " " + self.vocab[i]
+            line_start[0] = False
+            return text
+
+        return write
 
     def to_json(self) -> dict:
         return {"type": self.kind, "vocab": self.vocab}
@@ -140,7 +149,7 @@ class BPETokenizer:
     def token(self, i: int) -> str:
         return self.backend.decode([i], skip_special_tokens=False)
 
-    def stream(self):
+    def stream(self, after: str = ""):
         """Emit text only once its bytes form whole UTF-8 characters."""
         from tokenizers.decoders import DecodeStream
 

@@ -47,7 +47,9 @@ class Layer(nn.Module):
 
     def forward(self, x, state, reference: bool = False, weight_drop: float = 0.0):
         """x (batch, time, input), state (parts, dirs, batch, hidden) -> (batch, time, dirs * hidden), state."""
-        if reference:
+        if reference or (x.size(1) == 1 and not self.training and x.device.type == "cpu"):
+            # A single decoding step on the CPU: oneDNN's fused RNN has a set-up cost per call
+            # that outweighs one step's two small matmuls, so the written-out cell is faster.
             return self._reference(x, state)
         if weight_drop and self.training:
             # DropConnect on the hidden-to-hidden weights, one mask per forward pass (Merity et al. 2017).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ SHARED = Path(os.environ.get("NLM_DATA_DIR") or Path(__file__).resolve().parents
 if SHARED.is_dir():
     os.environ["NLM_DATA_DIR"] = str(SHARED)
 os.environ["NLM_OFFLINE"] = "1"  # tests never download
-os.environ.setdefault("NLM_CACHE_DIR", str(Path(__file__).resolve().parent / ".cache-unused"))
+os.environ.setdefault("NLM_CACHE_DIR", tempfile.mkdtemp(prefix="nlm-test-cache-"))  # never the user's cache
 
 # A model small enough to train in a second; tests add these to any recipe.
 TINY = ["--model.emb_size=16", "--model.hidden_size=16", "--train.batch_size=4", "--train.bptt=8",

@@ -130,10 +130,6 @@ class BPETokenizer:
         backend.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
         return cls(backend)
 
-    @property
-    def vocab(self) -> list[str]:
-        return [self.backend.id_to_token(i) for i in range(self.vocab_size)]
-
     def encode(self, text: str, source: str = "text") -> list[int]:
         # Encoding line by line keeps memory flat on big corpora; byte-level BPE never crosses "\n" anyway.
         lines = text.splitlines(keepends=True)

@@ -9,6 +9,7 @@ position in the data.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -210,6 +211,8 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
         self.plot()
+        if self.world > 1:
+            dist.barrier()  # no process tears the group down while another still writes or talks
         return self.summary(time.perf_counter() - started)
 
     def _catch_interrupt(self) -> None:
@@ -399,4 +402,7 @@ def train(recipe: config.Recipe, out, resume: bool = False, show_progress: bool 
         return trainer.fit()
     finally:
         if trainer.world > 1 and dist.is_initialized():
+            # DDP holds the process group: release it while the interpreter is whole, not at exit
+            trainer.objective = None
+            gc.collect()
             dist.destroy_process_group()

@@ -28,9 +28,20 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _sync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk, so a rename never exposes an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move a fully written directory into place; the old one is removed only afterwards
     (``recover_dir`` puts it back if a crash came between the two renames)."""
+    for path in tmp.iterdir():
+        _sync(path)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -41,11 +52,13 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 
 def recover_dir(target: Path) -> None:
-    """After a crash inside ``replace_dir``: put the set-aside old directory back."""
-    if not target.exists():
-        for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-            os.replace(old, target)
-            break
+    """After a crash inside ``replace_dir``: put the set-aside old directory back (the newest,
+    should there be several), and clear what half-finished writes left behind."""
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not target.exists() and olds:
+        os.replace(olds.pop(), target)
+    for leftover in olds + list(target.parent.glob(f".{target.name}.tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -53,6 +66,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        _sync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -76,11 +90,13 @@ def save_description(directory: Path, recipe, tokenizer, extra: dict | None = No
 
 
 def save(directory, model: RNNLM, recipe, tokenizer, extra: dict | None = None) -> Path:
-    """Write (or update) a checkpoint. Each file is replaced atomically, the weights last."""
+    """Write (or update) a checkpoint. Each file is replaced atomically: the weights first, then
+    the description (whose ``info`` names the step and loss of those weights)."""
     directory = Path(directory)
-    save_description(directory, recipe, tokenizer, extra)
+    directory.mkdir(parents=True, exist_ok=True)
     weights = tensors_of(model)
     atomic_write(directory / "model.safetensors", lambda p: save_file(weights, str(p)))
+    save_description(directory, recipe, tokenizer, extra)
     return directory
 
 
@@ -91,6 +107,21 @@ def read_json(path: Path):
         raise NlmError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise NlmError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; a line cut short by a kill (or otherwise unreadable) is skipped."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def load(directory, device: str = "cpu"):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from neurallm.checkpoint import read_jsonl
 
 
 def training_curves(metrics: Path, out: Path) -> Path | None:
@@ -15,7 +16,7 @@ def training_curves(metrics: Path, out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [json.loads(line) for line in Path(metrics).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl(Path(metrics))
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

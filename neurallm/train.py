@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,6 +49,7 @@ class Progress:
     best_valid: float = math.inf  # best of any validation: decides which weights are kept
     plateau_best: float = math.inf  # best at an epoch's end: drives the plateau schedule
     train_seconds: float = 0.0
+    elapsed: float = 0.0  # wall-clock seconds of the run so far, across resumes (--max-minutes, cosine)
     tokens: int = 0
     train_loss: float = math.nan
     valid_loss: float = math.nan
@@ -111,10 +113,16 @@ class Trainer:
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         self.show_progress = show_progress and self.rank == 0
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NlmError(f"--out {self.out}: cannot create the run directory ({e.strerror})") from None
+        if self.rank == 0:
+            checkpoint.recover_dir(self.out / "resume")  # a crash mid-snapshot
+        if self.world > 1:
+            dist.barrier()
         tokenizer = None
         if resume:
-            checkpoint.recover_dir(self.out / "resume")
             if not (self.out / "resume" / "state.json").is_file():
                 raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
             tokenizer = tokenizers.from_json(checkpoint.read_json(self.out / "tokenizer.json"))
@@ -126,7 +134,10 @@ class Trainer:
         self.cfg = self.recipe.train
         if self.cfg.batch_size % self.world:
             raise NlmError(f"train.batch_size {self.cfg.batch_size} is not divisible by {self.world} processes")
-        self.train_data = shard(columns(train_ids, self.cfg.batch_size), self.rank, self.world).to(self.device)
+        # A split too short for its batch size is found now, not after an epoch of training.
+        train_rows = _rows(train_ids, self.cfg.batch_size, f"{recipe.data.corpus}/train", "train.batch_size")
+        _rows(valid_ids, self.cfg.eval_batch_size, f"{recipe.data.corpus}/valid", "train.eval_batch_size")
+        self.train_data = shard(train_rows, self.rank, self.world).to(self.device)
         self.valid_ids = valid_ids
         self.windows = num_windows(self.train_data, self.cfg.bptt)
         self.model = RNNLM(self.recipe.model).to(self.device)
@@ -135,9 +146,12 @@ class Trainer:
             # An adaptive softmax skips a tail cluster that no target of a batch falls in.
             self.objective = nn.parallel.DistributedDataParallel(
                 self.objective, find_unused_parameters=self.recipe.model.softmax == "adaptive")
+            # Same initial weights (DDP broadcasts rank 0's), but each process its own dropout masks.
+            torch.manual_seed(self.cfg.seed + self.rank)
         if not resume and self.rank == 0:
             # The checkpoint's description goes first, so resume/ is never without it.
             checkpoint.save_description(self.out, self.recipe, self.tokenizer)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run killed before its first save
         self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
         self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
         self.progress = Progress()
@@ -173,54 +187,68 @@ class Trainer:
     def fit(self) -> dict:
         cfg, p = self.cfg, self.progress
         total_steps = cfg.max_steps or cfg.epochs * self.windows
-        started = time.perf_counter()
-        self.elapsed = 0.0
+        started = time.perf_counter() - p.elapsed  # a resumed run goes on with its clock
+        self.elapsed = p.elapsed
         stopped = False
         bar = self._bar()
         self._catch_interrupt()
+        try:
+            stopped = self._loop(started, total_steps, bar)
+            if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
+                self.validate()  # a bounded run still reports where it got to
+            self.snapshot()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._previous_sigint is not None:
+                signal.signal(signal.SIGINT, self._previous_sigint)
+        self.plot()
+        if self.world > 1:
+            dist.barrier()  # no process tears the group down while another still writes or talks
+        return self.summary(time.perf_counter() - started)
+
+    def _loop(self, started: float, total_steps: int, bar) -> bool:
+        """Train until the epochs are done (-> False) or a bound or Ctrl-C stops the run (-> True)."""
+        cfg, p = self.cfg, self.progress
+        stopped = False
         while p.epoch <= cfg.epochs and not stopped:
             window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
             while p.window < self.windows:
                 if self._should_stop(started):
                     stopped = True
+                    if window_steps:  # the steps since the last log line: a short run reports its loss too
+                        self._log_train(lr, window_loss / window_steps, (p.tokens - tokens_at_tick) /
+                                        (time.perf_counter() - tick), bar)
                     break
                 lr = learning_rate(cfg, p, total_steps, self.elapsed)
                 t0 = time.perf_counter()
                 loss, tokens = self.train_step(p.window, lr)
+                if not math.isfinite(loss):
+                    raise NlmError(f"training diverged at step {p.step + 1} (loss {loss}); lower train.lr or "
+                                   f"set train.clip. {self.out}/resume holds the state before it")
                 p.train_seconds += time.perf_counter() - t0
                 p.tokens += tokens
                 p.window += 1
                 p.step += 1
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 if p.step % cfg.log_every == 0 or p.window == self.windows:
-                    p.train_loss = window_loss / window_steps
-                    rate = (p.tokens - tokens_at_tick) / (time.perf_counter() - tick)
-                    self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss,
-                               "tokens_per_s": rate})
-                    self._bar_update(bar, rate)
+                    self._log_train(lr, window_loss / window_steps, (p.tokens - tokens_at_tick) /
+                                    (time.perf_counter() - tick), bar)
                     window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
                 if p.step % cfg.save_every == 0:
                     self.snapshot()
             if not stopped:
                 self.end_epoch()
-        if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
-            self.validate()  # a bounded run still reports where it got to
-        self.snapshot()
-        if bar is not None:
-            bar.close()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self.plot()
-        if self.world > 1:
-            dist.barrier()  # no process tears the group down while another still writes or talks
-        return self.summary(time.perf_counter() - started)
+        return stopped
 
     def _catch_interrupt(self) -> None:
         """The first Ctrl-C ends the run cleanly after the current step (resumable); a second one aborts."""
         self.interrupted = False
+        self._previous_sigint = None
         if threading.current_thread() is not threading.main_thread():
             return
-        self._previous_sigint = previous = signal.getsignal(signal.SIGINT)
+        # None: a handler not set from Python, which cannot be put back; the default then
+        self._previous_sigint = previous = signal.getsignal(signal.SIGINT) or signal.SIG_DFL
 
         def handler(signum, frame):
             self.interrupted = True
@@ -240,6 +268,7 @@ class Trainer:
             shared = torch.tensor([1.0 if stop else 0.0, self.elapsed], dtype=torch.float64, device=self.device)
             dist.broadcast(shared, 0)
             stop, self.elapsed = bool(shared[0].item()), shared[1].item()
+        self.progress.elapsed = self.elapsed
         return bool(stop)
 
     def end_epoch(self) -> None:
@@ -259,6 +288,9 @@ class Trainer:
         """Validation loss; saves the weights as the run's checkpoint when they are the best so far."""
         p = self.progress
         p.valid_loss = token_nll(self.model, self.valid_ids, self.cfg.eval_batch_size, self.cfg.bptt).mean().item()
+        if not math.isfinite(p.valid_loss):
+            raise NlmError(f"training diverged: validation loss {p.valid_loss} at step {p.step}; lower train.lr or "
+                           f"set train.clip. {self.out}/resume holds the last saved state")
         improved = p.valid_loss < p.best_valid
         record = {"step": p.step, "epoch": p.epoch, "valid_loss": p.valid_loss,
                   "valid_perplexity": math.exp(min(p.valid_loss, 700))}
@@ -312,6 +344,12 @@ class Trainer:
     def restore(self) -> None:
         folder = self.out / "resume"
         state = checkpoint.read_json(folder / "state.json")
+        try:
+            self._restore(folder, state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise NlmError(f"{folder}: damaged resume state ({type(e).__name__}: {e})") from None
+
+    def _restore(self, folder: Path, state: dict) -> None:
         if state["world"] != self.world:
             raise NlmError(f"{folder}: saved by {state['world']} processes; resume it with the same number")
         saved = state["recipe"]
@@ -321,8 +359,16 @@ class Trainer:
             if json.loads(json.dumps(now[section][key])) != saved[section][key]:
                 raise NlmError(f"{folder}: the run was saved with {section}.{key} = {saved[section][key]!r}, "
                                f"not {now[section][key]!r}; resume it with the same value")
-        tensors = load_file(str(folder / "tensors.safetensors"))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        try:
+            tensors = load_file(str(folder / "tensors.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise NlmError(f"{folder / 'tensors.safetensors'}: unreadable ({e})") from None
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not (k == "decoder.weight" and self.recipe.model.tie_weights)]
+        if missing or unexpected:
+            raise NlmError(f"{folder / 'tensors.safetensors'}: weights do not match the model "
+                           f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
         opt_state = {}
         for idx, values in state["optimizer"]["state"].items():
             opt_state[int(idx)] = dict(values)
@@ -336,6 +382,11 @@ class Trainer:
         hidden = tensors["hidden"][:, :, :, self.rank * per:(self.rank + 1) * per]
         self.hidden = hidden.to(self.device) if self.progress.window > 0 else None
         self._set_rng_state(tensors[f"rng.{self.rank}"])
+        if self.rank == 0:  # records past the snapshot will be logged again
+            log = self.out / "metrics.jsonl"
+            kept = "".join(json.dumps(r) + "\n" for r in checkpoint.read_jsonl(log)
+                           if r.get("step", 0) <= self.progress.step)
+            checkpoint.atomic_write(log, lambda path: path.write_text(kept, encoding="utf-8"))
 
     def _rng_state(self) -> torch.Tensor:
         """CPU generator state, followed by this device's CUDA generator state when training on a GPU."""
@@ -355,6 +406,12 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _log_train(self, lr: float, loss: float, rate: float, bar) -> None:
+        p = self.progress
+        p.train_loss = loss
+        self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": loss, "tokens_per_s": rate})
+        self._bar_update(bar, rate)
 
     def _bar(self):
         if not self.show_progress:
@@ -390,6 +447,13 @@ class Trainer:
         if self.tokenizer.kind == "char":
             out["valid_bpc"] = p.valid_loss / math.log(2)
         return out
+
+
+def _rows(ids: torch.Tensor, rows: int, split: str, key: str) -> torch.Tensor:
+    try:
+        return columns(ids, rows)
+    except NlmError as e:
+        raise NlmError(f"{split}: {e}; lower {key}") from None
 
 
 def peak_rss_mb() -> float:

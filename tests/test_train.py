@@ -159,3 +159,75 @@ def test_resume_refuses_a_different_model_and_survives_an_early_kill(word_corpus
     (out / "resume").rename(out / ".resume.old-123")  # and killed between the two renames of a snapshot
     result = train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
     assert result["steps"] == 6 and (out / "model.safetensors").is_file()
+
+
+def test_resume_keeps_the_clock_of_a_time_bounded_run(word_corpus, tmp_path):
+    out = tmp_path / "run"
+    first = train(recipe(word_corpus, "--train.max_minutes=0.005", "--train.schedule=cosine"), out,
+                  show_progress=False)
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["progress"]["elapsed"] >= 0.3  # 0.005 minutes
+    again = train(recipe(word_corpus, "--train.max_minutes=0.005", "--train.schedule=cosine"), out, resume=True,
+                  show_progress=False)
+    assert again["steps"] == first["steps"] > 0  # the budget was spent: no fresh half-minute, no lr restart
+
+
+def test_a_diverging_run_stops_with_an_error(word_corpus, tmp_path, monkeypatch):
+    from neurallm import train as train_mod
+
+    real_step = train_mod.Trainer.train_step
+
+    def diverges(self, index, lr):
+        loss, tokens = real_step(self, index, lr)
+        return (math.nan if self.progress.step == 7 else loss), tokens
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", diverges)
+    with pytest.raises(NlmError, match=r"training diverged at step 8 \(loss nan\); lower train.lr"):
+        train(recipe(word_corpus, "--train.max_steps=20"), tmp_path / "run", show_progress=False)
+    state = json.loads((tmp_path / "run" / "resume" / "state.json").read_text())
+    assert state["progress"]["step"] == 5  # the last snapshot before it (save_every=5) is kept
+
+
+def test_damaged_resume_state_is_a_clear_error(word_corpus, tmp_path):
+    out = tmp_path / "run"
+    train(recipe(word_corpus, "--train.max_steps=3"), out, show_progress=False)
+    tensors = out / "resume" / "tensors.safetensors"
+    good = tensors.read_bytes()
+    tensors.write_bytes(good[:100])
+    with pytest.raises(NlmError, match=r"resume/tensors.safetensors: unreadable"):
+        train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
+    tensors.unlink()
+    with pytest.raises(NlmError, match=r"resume/tensors.safetensors: unreadable"):
+        train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
+    tensors.write_bytes(good)
+    state_file = out / "resume" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["world"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(NlmError, match=r"resume: damaged resume state \(KeyError"):
+        train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
+
+
+def test_a_split_too_short_for_its_batch_is_found_before_training(word_corpus, tmp_path):
+    (word_corpus / "valid.txt").write_text("a\n", encoding="utf-8")  # with the boundary: 3 tokens
+    out = tmp_path / "run"
+    with pytest.raises(NlmError, match=r"ptb-slice/valid: 3 tokens cannot fill 2 rows .*; lower train.eval_batch_size"):
+        train(recipe(word_corpus, "--train.max_steps=3"), out, show_progress=False)
+    assert not (out / "resume").exists() and not (out / "config.json").exists()
+
+
+def test_metrics_log_starts_fresh_and_resume_drops_records_past_the_snapshot(word_corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 99, "train_loss": 1.0}\n{"step": 100, "train_')  # a killed run
+    train(recipe(word_corpus, "--train.max_steps=7"), out, show_progress=False)  # save_every=5: snapshot at 7
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps[0] == 1 and 99 not in steps
+    # As if killed after step 9, past the last snapshot (step 7): those records are logged again on resume.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "train_loss": 5.0}\n{"step": 9, "train_loss": 5.0}\n{"step": 10, "tra')
+    train(recipe(word_corpus, "--train.max_steps=10"), out, resume=True, show_progress=False)
+    train_steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                   if "train_loss" in r]
+    assert train_steps == list(range(1, 11))
+    assert (out / "curves.png").is_file()

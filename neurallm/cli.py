@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from neurallm.errors import NlmError
 
 
+def _finite(value):
+    """JSON has no NaN or Infinity: such a number (a figure not measured) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
-    print(json.dumps(result) if as_json else "\n".join(lines), flush=True)
+    print(json.dumps(_finite(result), allow_nan=False) if as_json else "\n".join(lines), flush=True)
 
 
 def cmd_train(args, overrides: list[str]) -> int:
@@ -28,6 +41,8 @@ def cmd_train(args, overrides: list[str]) -> int:
     recipe = config.load_recipe(args.recipe, overrides + extra)
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
     result = train(recipe, out, resume=args.resume, show_progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, one summary: rank 0's
     metric = (f"valid bpc {result['valid_bpc']:.4f} (loss {result['valid_loss']:.4f} nats/char)"
               if "valid_bpc" in result else f"valid perplexity {result['valid_perplexity']:.2f}")
     _emit(result, args.json, [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ def _coerce(section: str, key: str, value, cls):
                 raise ValueError
             return int(value)
         if kind is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         if kind is str:
@@ -155,7 +156,7 @@ def _coerce(section: str, key: str, value, cls):
             value = json.loads(text) if text.strip().startswith("[") else [v for v in text.split(",") if v.strip()]
         return tuple(int(v) for v in value)
     except (TypeError, ValueError, json.JSONDecodeError):
-        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        expected = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
             kind, "a list of integers")
         raise NlmError(f"bad value for {name}: {value!r} (expected {expected})") from None
 

@@ -38,6 +38,6 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(path)
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 31))
+        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError, TypeError):
         return False

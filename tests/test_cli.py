@@ -132,6 +132,21 @@ def test_bad_corpus_files(tmp_path, capsys, content, message):
     assert "valid.txt: no such file" in capsys.readouterr().err
 
 
+def test_adaptive_softmax_cutoffs_above_a_small_vocabulary(char_corpus, tmp_path, capsys):
+    args = ["train", "shakespeare-char", "--model.softmax=adaptive", f"--data.corpus={char_corpus}", *TINY]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    assert "model.adaptive_cutoffs: [2000, 10000] leave no cluster below the vocabulary size" in capsys.readouterr().err
+    assert main([*args, "--model.adaptive_cutoffs=20", "--max-steps", "2", "--no-progress", "--out",
+                 str(tmp_path / "ok")]) == 0
+
+
+def test_unwritable_out_directory(word_corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    args = ["train", "ptb-small", f"--data.corpus={word_corpus}", *TINY, "--out", str(tmp_path / "file" / "run")]
+    assert main(args) == 2
+    assert "cannot create the run directory" in capsys.readouterr().err
+
+
 def test_prompt_outside_character_vocabulary(char_run, capsys):
     assert main(["generate", str(char_run), "--prompt", "ROMEO: ✓"]) == 2
     assert "--prompt: character '✓' at position 7" in capsys.readouterr().err

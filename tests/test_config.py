@@ -4,6 +4,7 @@ import pytest
 
 from neurallm import config
 from neurallm.errors import NlmError
+from neurallm.models.lm import RNNLM
 
 
 def test_shipped_recipes_include_the_required_ones():
@@ -15,6 +16,9 @@ def test_every_recipe_loads(name):
     recipe = config.load_recipe(name)
     assert recipe.model.num_layers >= 1 and recipe.train.epochs >= 1
     assert recipe.data.corpus
+    vocab = {"char": 65, "word": 10000, "bpe": 8000}[recipe.data.tokenizer]
+    model = RNNLM(config.replace(recipe, model={"vocab_size": vocab}).model)  # the model it describes builds
+    assert model.stack.output_size >= recipe.model.hidden_size
 
 
 def test_overrides_are_typed():
@@ -31,6 +35,8 @@ def test_overrides_are_typed():
     ("--model.cell=transformer", r"model\.cell.*one of lstm, gru, rnn_tanh, rnn_relu"),
     ("--model.dropout=1.5", r"model\.dropout"),
     ("--train.optimizer=lion", r"train\.optimizer"),
+    ("--train.lr=inf", r"bad value for train\.lr: 'inf' \(expected a finite number\)"),
+    ("--model.dropout=nan", r"bad value for model\.dropout: 'nan'"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(NlmError, match=message):

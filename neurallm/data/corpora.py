@@ -211,7 +211,10 @@ def read_text(file: Path | str) -> str:
     file = Path(file)
     if not file.is_file():
         raise NlmError(f"{file}: no such file")
-    raw = file.read_bytes()
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise NlmError(f"{file}: cannot be read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -35,6 +35,9 @@ class RNNLM(nn.Module):
         features = cfg.emb_size if self.proj is not None else width
         if cfg.softmax == "adaptive":
             cutoffs = [c for c in cfg.adaptive_cutoffs if c < cfg.vocab_size]
+            if not cutoffs:
+                raise NlmError(f"model.adaptive_cutoffs: {list(cfg.adaptive_cutoffs)} leave no cluster below the "
+                               f"vocabulary size {cfg.vocab_size}; give a smaller cutoff or use model.softmax=full")
             if features // cfg.adaptive_div_value ** len(cutoffs) < 1:
                 raise NlmError(f"model.adaptive_div_value: {cfg.adaptive_div_value} ** {len(cutoffs)} clusters "
                                f"leaves the last cluster no dimensions of {features}")

@@ -20,8 +20,11 @@ TINY = ["--model.emb_size=16", "--model.hidden_size=16", "--train.batch_size=4",
 
 
 def need(*parts: str) -> Path:
+    """A path in the shared data; without it the test skips (fails under NLM_REQUIRE_DATA=1, as in CI)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
+        if os.environ.get("NLM_REQUIRE_DATA") == "1":
+            pytest.fail(f"shared data not found: {path} (NLM_REQUIRE_DATA=1)")
         pytest.skip(f"shared data not found: {path}")
     return path
 

@@ -2,8 +2,9 @@
 
 Weights use torch's layout, so the same tensors drive these cells and the fused
 ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` kernels (tests check both give equal outputs and
-gradients). The fused kernels are the fast path; these equations serve the tests, the
-gradient lab and anything that must look inside one step.
+gradients). The fused kernels are the fast path; these equations serve the tests, single
+decoding steps on the CPU (where a fused call's set-up costs more than the step) and
+anything that must look inside one step.
 
 Shapes: x (batch, input), h and c (batch, hidden); ``w_ih`` (gates * hidden, input),
 ``w_hh`` (gates * hidden, hidden), biases (gates * hidden,).

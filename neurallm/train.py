@@ -225,7 +225,7 @@ class Trainer:
                 loss, tokens = self.train_step(p.window, lr)
                 if not math.isfinite(loss):
                     raise NlmError(f"training diverged at step {p.step + 1} (loss {loss}); lower train.lr or "
-                                   f"set train.clip. {self.out}/resume holds the state before it")
+                                   f"set train.clip (the last snapshot, if any, is in {self.out / 'resume'})")
                 p.train_seconds += time.perf_counter() - t0
                 p.tokens += tokens
                 p.window += 1
@@ -289,8 +289,8 @@ class Trainer:
         p = self.progress
         p.valid_loss = token_nll(self.model, self.valid_ids, self.cfg.eval_batch_size, self.cfg.bptt).mean().item()
         if not math.isfinite(p.valid_loss):
-            raise NlmError(f"training diverged: validation loss {p.valid_loss} at step {p.step}; lower train.lr or "
-                           f"set train.clip. {self.out}/resume holds the last saved state")
+            raise NlmError(f"training diverged: validation loss {p.valid_loss} at step {p.step}; lower train.lr "
+                           f"or set train.clip (the last snapshot, if any, is in {self.out / 'resume'})")
         improved = p.valid_loss < p.best_valid
         record = {"step": p.step, "epoch": p.epoch, "valid_loss": p.valid_loss,
                   "valid_perplexity": math.exp(min(p.valid_loss, 700))}

@@ -9,6 +9,7 @@ position in the data.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import math
@@ -74,7 +75,7 @@ def make_optimizer(params, cfg: config.TrainConfig):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int, elapsed: float = 0.0) -> float:
+def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int) -> float:
     """The rate for the next step. A cosine schedule runs to zero over the planned steps, or
     over --max-minutes when that comes first, so a time-bounded run still anneals."""
     lr = cfg.lr * progress.lr_scale
@@ -83,7 +84,7 @@ def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int,
     if cfg.schedule == "cosine":
         done = progress.step / max(total_steps, 1)
         if cfg.max_minutes:
-            done = max(done, elapsed / (cfg.max_minutes * 60))
+            done = max(done, progress.elapsed / (cfg.max_minutes * 60))
         lr *= 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return lr
 
@@ -105,29 +106,28 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = runtime.pick_device(recipe.train.device)
-        if self.world > 1 and not dist.is_initialized():
+        self.objective = None
+        self._lock = None
+        self._owns_group = self.world > 1 and not dist.is_initialized()
+        if self._owns_group:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        try:
+            self._setup(recipe, resume, show_progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, recipe: config.Recipe, resume: bool, show_progress: bool) -> None:
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         self.show_progress = show_progress and self.rank == 0
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise NlmError(f"--out {self.out}: cannot create the run directory ({e.strerror})") from None
-        if self.rank == 0:
-            checkpoint.recover_dir(self.out / "resume")  # a crash mid-snapshot
-        if self.world > 1:
-            dist.barrier()
+        self._on_rank0(lambda: self._claim(resume))
         tokenizer = None
         if resume:
-            if not (self.out / "resume" / "state.json").is_file():
-                raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
             tokenizer = tokenizers.from_json(checkpoint.read_json(self.out / "tokenizer.json"))
-        elif (self.out / "model.safetensors").exists() or (self.out / "resume").exists():
-            raise NlmError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         torch.manual_seed(recipe.train.seed)
         self.tokenizer, train_ids, valid_ids = prepare_data(recipe, tokenizer)
         self.recipe = config.replace(recipe, model={"vocab_size": self.tokenizer.vocab_size})
@@ -148,16 +148,67 @@ class Trainer:
                 self.objective, find_unused_parameters=self.recipe.model.softmax == "adaptive")
             # Same initial weights (DDP broadcasts rank 0's), but each process its own dropout masks.
             torch.manual_seed(self.cfg.seed + self.rank)
-        if not resume and self.rank == 0:
-            # The checkpoint's description goes first, so resume/ is never without it.
-            checkpoint.save_description(self.out, self.recipe, self.tokenizer)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run killed before its first save
+        if not resume:
+            self._on_rank0(self._start_log)
         self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
         self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
         self.progress = Progress()
         self.hidden = None
         if resume:
             self.restore()
+
+    # ---- the run directory -------------------------------------------------------------------
+    def _on_rank0(self, work) -> None:
+        """``work()`` on rank 0 only; an NlmError there is raised on every process, so none waits forever."""
+        error = None
+        if self.rank == 0:
+            try:
+                work()
+            except NlmError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"{e.filename or self.out}: {e.strerror}"
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, 0)
+            error = box[0]
+        if error is not None:
+            raise NlmError(error)
+
+    def _claim(self, resume: bool) -> None:
+        """Make and lock the run directory (one run at a time); check it holds a run to resume, or none."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.out / ".lock", "w")
+        except OSError as e:
+            raise NlmError(f"--out {self.out}: cannot create the run directory ({e.strerror})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise NlmError(f"{self.out}: another run is using this directory") from None
+        if resume:
+            checkpoint.recover_dir(self.out / "resume")  # a crash mid-snapshot
+            if not (self.out / "resume" / "state.json").is_file():
+                raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
+        elif (self.out / "model.safetensors").exists() or (self.out / "resume").exists() or \
+                any(self.out.glob(".resume.old-*")):
+            raise NlmError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+
+    def _start_log(self) -> None:
+        # The checkpoint's description goes first, so resume/ is never without it.
+        checkpoint.save_description(self.out, self.recipe, self.tokenizer)
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run killed before its first save
+
+    def close(self) -> None:
+        """Release the directory lock and the process group (DDP holds it: drop DDP first, while the
+        interpreter is whole, not at exit)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if self._owns_group and dist.is_initialized():
+            self.objective = None
+            gc.collect()
+            dist.destroy_process_group()
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self, index: int, lr: float) -> tuple[float, int]:
@@ -187,25 +238,26 @@ class Trainer:
     def fit(self) -> dict:
         cfg, p = self.cfg, self.progress
         total_steps = cfg.max_steps or cfg.epochs * self.windows
-        started = time.perf_counter() - p.elapsed  # a resumed run goes on with its clock
-        self.elapsed = p.elapsed
-        stopped = False
+        session = time.perf_counter()
+        started = session - p.elapsed  # a resumed run goes on with its clock
+        first_step = p.step
         bar = self._bar()
         self._catch_interrupt()
         try:
             stopped = self._loop(started, total_steps, bar)
-            if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
-                self.validate()  # a bounded run still reports where it got to
-            self.snapshot()
+            if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do
+                if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
+                    self.validate()  # a bounded run still reports where it got to
+                self.snapshot()
         finally:
             if bar is not None:
                 bar.close()
             if self._previous_sigint is not None:
                 signal.signal(signal.SIGINT, self._previous_sigint)
-        self.plot()
         if self.world > 1:
             dist.barrier()  # no process tears the group down while another still writes or talks
-        return self.summary(time.perf_counter() - started)
+        self.plot()
+        return self.summary(time.perf_counter() - session)
 
     def _loop(self, started: float, total_steps: int, bar) -> bool:
         """Train until the epochs are done (-> False) or a bound or Ctrl-C stops the run (-> True)."""
@@ -220,7 +272,7 @@ class Trainer:
                         self._log_train(lr, window_loss / window_steps, (p.tokens - tokens_at_tick) /
                                         (time.perf_counter() - tick), bar)
                     break
-                lr = learning_rate(cfg, p, total_steps, self.elapsed)
+                lr = learning_rate(cfg, p, total_steps)
                 t0 = time.perf_counter()
                 loss, tokens = self.train_step(p.window, lr)
                 if not math.isfinite(loss):
@@ -259,16 +311,15 @@ class Trainer:
         signal.signal(signal.SIGINT, handler)
 
     def _should_stop(self, started: float) -> bool:
-        """Also sets ``self.elapsed``; with several processes, rank 0's decision and clock hold for all."""
-        cfg = self.cfg
-        self.elapsed = time.perf_counter() - started
-        stop = self.interrupted or (cfg.max_steps and self.progress.step >= cfg.max_steps) or \
-            (cfg.max_minutes and self.elapsed >= cfg.max_minutes * 60)
+        """Also advances the run's clock; with several processes, rank 0's decision and clock hold for all."""
+        cfg, p = self.cfg, self.progress
+        p.elapsed = time.perf_counter() - started
+        stop = self.interrupted or (cfg.max_steps and p.step >= cfg.max_steps) or \
+            (cfg.max_minutes and p.elapsed >= cfg.max_minutes * 60)
         if self.world > 1:
-            shared = torch.tensor([1.0 if stop else 0.0, self.elapsed], dtype=torch.float64, device=self.device)
+            shared = torch.tensor([1.0 if stop else 0.0, p.elapsed], dtype=torch.float64, device=self.device)
             dist.broadcast(shared, 0)
-            stop, self.elapsed = bool(shared[0].item()), shared[1].item()
-        self.progress.elapsed = self.elapsed
+            stop, p.elapsed = bool(shared[0].item()), shared[1].item()
         return bool(stop)
 
     def end_epoch(self) -> None:
@@ -346,8 +397,9 @@ class Trainer:
         state = checkpoint.read_json(folder / "state.json")
         try:
             self._restore(folder, state)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise NlmError(f"{folder}: damaged resume state ({type(e).__name__}: {e})") from None
+        self._on_rank0(self._trim_log)
 
     def _restore(self, folder: Path, state: dict) -> None:
         if state["world"] != self.world:
@@ -379,14 +431,18 @@ class Trainer:
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
         self.progress = Progress(**state["progress"])
         per = self.train_data.size(0)
+        expected = self.model.init_state(per * self.world).shape
+        if tensors["hidden"].shape != expected:
+            raise ValueError(f"hidden state of shape {tuple(tensors['hidden'].shape)}, expected {tuple(expected)}")
         hidden = tensors["hidden"][:, :, :, self.rank * per:(self.rank + 1) * per]
         self.hidden = hidden.to(self.device) if self.progress.window > 0 else None
         self._set_rng_state(tensors[f"rng.{self.rank}"])
-        if self.rank == 0:  # records past the snapshot will be logged again
-            log = self.out / "metrics.jsonl"
-            kept = "".join(json.dumps(r) + "\n" for r in checkpoint.read_jsonl(log)
-                           if r.get("step", 0) <= self.progress.step)
-            checkpoint.atomic_write(log, lambda path: path.write_text(kept, encoding="utf-8"))
+
+    def _trim_log(self) -> None:
+        """Records past the snapshot are logged again by the resumed run: drop them."""
+        log = self.out / "metrics.jsonl"
+        kept = "".join(json.dumps(r) + "\n" for r in checkpoint.read_jsonl(log) if r.get("step", 0) <= self.progress.step)
+        checkpoint.atomic_write(log, lambda path: path.write_text(kept, encoding="utf-8"))
 
     def _rng_state(self) -> torch.Tensor:
         """CPU generator state, followed by this device's CUDA generator state when training on a GPU."""
@@ -439,7 +495,9 @@ class Trainer:
     def summary(self, seconds: float) -> dict:
         p = self.progress
         out = {"checkpoint": str(self.out), "steps": p.step, "epochs_completed": p.epoch - 1,
-               "seconds": seconds, "train_seconds": p.train_seconds, "tokens": p.tokens,
+               "seconds": seconds,  # this command's wall-clock time
+               "elapsed_seconds": p.elapsed,  # the run's clock, across resumes (what --max-minutes bounds)
+               "train_seconds": p.train_seconds, "tokens": p.tokens,
                "tokens_per_s": p.tokens / max(p.train_seconds, 1e-9), "train_loss": p.train_loss,
                "valid_loss": p.valid_loss, "valid_perplexity": math.exp(min(p.valid_loss, 700)),
                "best_valid_loss": p.best_valid, "peak_rss_mb": peak_rss_mb(),
@@ -465,8 +523,4 @@ def train(recipe: config.Recipe, out, resume: bool = False, show_progress: bool 
     try:
         return trainer.fit()
     finally:
-        if trainer.world > 1 and dist.is_initialized():
-            # DDP holds the process group: release it while the interpreter is whole, not at exit
-            trainer.objective = None
-            gc.collect()
-            dist.destroy_process_group()
+        trainer.close()

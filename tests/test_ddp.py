@@ -27,6 +27,7 @@ def test_two_processes_match_one(word_corpus, tmp_path):
                           "-m", "neurallm", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("trained 6 steps") == 1  # one summary, rank 0's
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
@@ -39,3 +40,4 @@ def test_two_processes_match_one(word_corpus, tmp_path):
         if name.startswith("model."):
             torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4)
     assert w2["hidden"].shape == w1["hidden"].shape  # both halves of the batch were gathered
+    assert not torch.equal(w2["rng.0"], w2["rng.1"])  # each process draws its own dropout masks

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from neurallm import checkpoint, config
 from neurallm.errors import NlmError
@@ -119,7 +119,7 @@ def test_a_save_killed_half_way_leaves_the_old_checkpoint(char_corpus, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(out, model, loaded, tok)
     assert (out / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []  # no temporary file left behind
     checkpoint.load(out)
 
 
@@ -166,10 +166,13 @@ def test_resume_keeps_the_clock_of_a_time_bounded_run(word_corpus, tmp_path):
     first = train(recipe(word_corpus, "--train.max_minutes=0.005", "--train.schedule=cosine"), out,
                   show_progress=False)
     state = json.loads((out / "resume" / "state.json").read_text())
-    assert state["progress"]["elapsed"] >= 0.3  # 0.005 minutes
+    assert state["progress"]["elapsed"] >= 0.3 and first["epochs_completed"] < 20  # stopped by the clock
+    records = (out / "metrics.jsonl").read_text()
     again = train(recipe(word_corpus, "--train.max_minutes=0.005", "--train.schedule=cosine"), out, resume=True,
                   show_progress=False)
-    assert again["steps"] == first["steps"] > 0  # the budget was spent: no fresh half-minute, no lr restart
+    assert again["steps"] == first["steps"] > 0  # the budget was spent: no fresh minutes, no lr restart
+    assert state["progress"]["elapsed"] <= again["elapsed_seconds"] < state["progress"]["elapsed"] + 1
+    assert (out / "metrics.jsonl").read_text() == records  # nothing left to do: no second validation
 
 
 def test_a_diverging_run_stops_with_an_error(word_corpus, tmp_path, monkeypatch):
@@ -200,12 +203,32 @@ def test_damaged_resume_state_is_a_clear_error(word_corpus, tmp_path):
     with pytest.raises(NlmError, match=r"resume/tensors.safetensors: unreadable"):
         train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
     tensors.write_bytes(good)
+    saved = load_file(str(tensors))
+    save_file({**saved, "hidden": saved["hidden"][..., :1].contiguous()}, str(tensors))  # the carried state of one row
+    with pytest.raises(NlmError, match=r"resume: damaged resume state \(ValueError: hidden state of shape"):
+        train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
+    tensors.write_bytes(good)
     state_file = out / "resume" / "state.json"
     state = json.loads(state_file.read_text())
     del state["world"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(NlmError, match=r"resume: damaged resume state \(KeyError"):
         train(recipe(word_corpus, "--train.max_steps=6"), out, resume=True, show_progress=False)
+
+
+def test_one_run_at_a_time_in_a_directory(word_corpus, tmp_path):
+    from neurallm.train import Trainer
+
+    out = tmp_path / "run"
+    first = Trainer(recipe(word_corpus, "--train.max_steps=2"), out, show_progress=False)
+    try:
+        with pytest.raises(NlmError, match="another run is using this directory"):
+            train(recipe(word_corpus, "--train.max_steps=2"), out, show_progress=False)
+        first.fit()
+    finally:
+        first.close()
+    result = train(recipe(word_corpus, "--train.max_steps=4"), out, resume=True, show_progress=False)
+    assert result["steps"] == 4
 
 
 def test_a_split_too_short_for_its_batch_is_found_before_training(word_corpus, tmp_path):

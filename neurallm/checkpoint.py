@@ -42,11 +42,13 @@ def replace_dir(tmp: Path, target: Path) -> None:
     (``recover_dir`` puts it back if a crash came between the two renames)."""
     for path in tmp.iterdir():
         _sync(path)
+    _sync(tmp)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
     os.replace(tmp, target)
+    _sync(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -68,6 +70,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         _sync(tmp)
         os.replace(tmp, path)
+        _sync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -30,7 +30,7 @@ def sample(logprobs: torch.Tensor, rng: torch.Generator, sampling: Sampling) -> 
     """Draw one id from log-probabilities (V,)."""
     if sampling.temperature == 0:
         return int(logprobs.argmax())
-    logits = logprobs.float()
+    logits = logprobs.double()  # float64: a temperature as small as 1e-300 stays nonzero
     logits = (logits - logits.max()) / sampling.temperature  # the best id stays 0, even as T -> 0
     if sampling.top_k and sampling.top_k < logits.numel():
         kth = torch.topk(logits, sampling.top_k).values[-1]

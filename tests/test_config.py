@@ -1,6 +1,9 @@
 """Recipes and overrides: every shipped recipe loads; bad keys and values get clear errors."""
 
+import math
+
 import pytest
+import torch
 
 from neurallm import config
 from neurallm.errors import NlmError
@@ -16,9 +19,14 @@ def test_every_recipe_loads(name):
     recipe = config.load_recipe(name)
     assert recipe.model.num_layers >= 1 and recipe.train.epochs >= 1
     assert recipe.data.corpus
-    vocab = {"char": 65, "word": 10000, "bpe": 8000}[recipe.data.tokenizer]
-    model = RNNLM(config.replace(recipe, model={"vocab_size": vocab}).model)  # the model it describes builds
-    assert model.stack.output_size >= recipe.model.hidden_size
+    # The model it describes builds and runs, at its corpus's real vocabulary size.
+    vocab = {"char": 65, "bpe": recipe.data.bpe_vocab_size}.get(recipe.data.tokenizer) or \
+        {"ptb": 10000, "wikitext-2": 33278}[recipe.data.corpus]
+    model = RNNLM(config.replace(recipe, model={"vocab_size": vocab}).model)
+    ids = torch.randint(0, vocab, (2, 6))
+    features, _ = model(ids)
+    loss = model.loss(features[:, :-1], ids[:, 1:])
+    assert torch.isfinite(loss) and 0 < loss.item() < 2 * math.log(vocab)
 
 
 def test_overrides_are_typed():

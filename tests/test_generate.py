@@ -55,5 +55,5 @@ def test_greedy_generation_follows_the_full_forward_pass():
 def test_a_tiny_temperature_is_greedy():
     logprobs = torch.log_softmax(torch.randn(50, generator=torch.Generator().manual_seed(3)), -1)
     rng = torch.Generator().manual_seed(0)
-    for temperature in (1e-45, 1e-30, 1e-6):
+    for temperature in (5e-324, 1e-46, 1e-30, 1e-6):
         assert sample(logprobs, rng, Sampling(temperature=temperature)) == int(logprobs.argmax())

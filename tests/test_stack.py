@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from neurallm.models.stack import RecurrentStack
+from neurallm.models.stack import RecurrentStack, keep_mask
 
 
 @pytest.mark.parametrize("connection", ["none", "residual", "highway", "dense"])
@@ -69,3 +69,19 @@ def test_weight_drop_only_in_training():
     assert not torch.allclose(a, c)
     weight = stack.layers[0].rnn.weight_hh_l0
     assert weight.abs().min() > 0  # the stored weights are never zeroed
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.65])
+def test_keep_mask_drops_at_rate_p_and_keeps_the_mean(p):
+    torch.manual_seed(1)
+    mask = keep_mask((400, 500), p, torch.empty(0))
+    scale = mask.max().item()
+    assert set(mask.unique().tolist()) == {0.0, scale} and abs(scale - 1 / (1 - p)) < 1e-4
+    n = mask.numel()
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5  # within five standard deviations
+    assert abs(mask.mean().item() - 1) < 5 * scale * (p * (1 - p) / n) ** 0.5
+    torch.manual_seed(1)
+    assert torch.equal(keep_mask((400, 500), p, torch.empty(0)), mask)  # the seed decides it
+    odd = keep_mask((3, 7, 5), p, torch.empty(0, dtype=torch.float64))  # sizes not a multiple of 4
+    assert odd.shape == (3, 7, 5) and odd.dtype == torch.float64

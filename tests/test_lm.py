@@ -89,3 +89,39 @@ def test_model_overfits_one_batch(kw):
         features, _ = model(ids[:, :-1])
         final = model.loss(features, ids[:, 1:]).item()
     assert final < 0.3, final  # from ln(50) = 3.9 nats: the batch is memorised
+
+
+def test_linear_cross_entropy_matches_autograd_in_value_and_gradients():
+    from neurallm.models.lm import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(40, 8, dtype=torch.float64, generator=g)
+    b = torch.randn(40, dtype=torch.float64, generator=g)
+    x[0] *= 100  # a row whose target is ~e^-1000 likely: the exact (log-sum-exp) path
+    targets = torch.randint(0, 40, (30,), generator=g)
+    targets[0] = int((x[0] @ w.T + b).argmin())
+    grads = []
+    for fn in (lambda *a: LinearCrossEntropy.apply(*a, targets),
+               lambda *a: torch.nn.functional.cross_entropy(torch.nn.functional.linear(*a), targets)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = fn(*leaves)
+        (loss * 3).backward()
+        grads.append([loss.detach()] + [t.grad for t in leaves])
+    assert grads[1][0] > 10  # the far row counts, finitely
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
+
+
+def test_training_loss_uses_the_fused_path_with_the_same_value():
+    model = make(tie_weights=True, emb_size=12).train()
+    ids = torch.randint(0, 50, (3, 7))
+    features, _ = model(ids[:, :-1])
+    fused = model.loss(features, ids[:, 1:])
+    assert fused.grad_fn.name().startswith("LinearCrossEntropy")
+    with torch.no_grad():
+        plain = model.loss(features, ids[:, 1:])
+    torch.testing.assert_close(fused.detach(), plain, atol=1e-6, rtol=1e-6)
+    fused.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        fused.backward()  # a second pass would read the gradient left in the softmax buffer

@@ -10,10 +10,48 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from neurallm.config import ModelConfig
 from neurallm.errors import NlmError
-from neurallm.models.stack import RecurrentStack, dropout
+from neurallm.models.stack import RecurrentStack, dropout, keep_mask
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``x @ weight.T + bias`` against ``targets``.
+
+    The same value and gradients as ``F.cross_entropy(F.linear(x, weight, bias), targets)``,
+    with the backward written out: the logits' gradient is the softmax minus the one-hot
+    target, made in place in the softmax the forward kept. Autograd's path instead fills an
+    N x V zero gradient, scatters into it and runs a log-softmax backward over two N x V
+    tensors. On PTB (700 x 10k logits a step) this saves about a tenth of a training step here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets):
+        logits = torch.addmm(bias, x, weight.t())
+        probs = torch.softmax(logits, dim=1)
+        nll = probs.gather(1, targets.unsqueeze(1)).squeeze(1).log_().neg_()
+        far = (nll > 60).nonzero().squeeze(1)  # p < 1e-26: near float32's floor, take these rows exactly
+        if far.numel():
+            nll[far] = torch.logsumexp(logits[far], 1) - logits[far, targets[far]]
+        ctx.save_for_backward(x, weight, probs, targets)
+        ctx.spent = False
+        return nll.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.spent:  # the softmax buffer became the gradient the first time
+            raise RuntimeError("LinearCrossEntropy supports one backward pass (no retain_graph)")
+        ctx.spent = True
+        x, weight, grad, targets = ctx.saved_tensors
+        grad[torch.arange(grad.size(0), device=grad.device), targets] -= 1  # softmax - one-hot, in place
+        scale = grad_loss / x.size(0)  # goes on the small operands, not on the N x V gradient
+        grad_x = (grad @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ (x * scale) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0).mul_(scale) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
 
 
 class RNNLM(nn.Module):
@@ -58,7 +96,7 @@ class RNNLM(nn.Module):
         p = self.cfg.dropout_emb
         if self.training and p:
             # Embedding dropout: drop whole word types for this batch (Gal & Ghahramani 2016).
-            weight = weight * weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
+            weight = weight * keep_mask((weight.size(0), 1), p, weight)
         return F.embedding(ids, weight)
 
     def forward(self, ids, state=None, reference: bool = False):
@@ -76,6 +114,9 @@ class RNNLM(nn.Module):
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
             nll = -self.decoder(flat, flat_targets).output
             return nll.mean() if reduction == "mean" else nll.view_as(targets)
+        if reduction == "mean" and torch.is_grad_enabled() and flat.dtype == torch.float32 and \
+                not torch.is_autocast_enabled(flat.device.type):
+            return LinearCrossEntropy.apply(flat, self.decoder.weight, self.decoder.bias, flat_targets)
         logits = self.decoder(flat).float()
         nll = F.cross_entropy(logits, flat_targets, reduction=reduction)
         return nll if reduction == "mean" else nll.view_as(targets)

@@ -15,6 +15,11 @@ def load(name: str):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def measured(r: dict) -> str:
+    """The commit a result was measured at (results from before commits were recorded: the date)."""
+    return f"`{r['commit']}`" if r.get("commit") else r["date"][:16].replace("T", " ")
+
+
 def quality_rows() -> list[str]:
     rows = []
     for recipe, split, anchor in (("ptb-small", "test", "target ≤ 105; pytorch/examples 2×200 tied 110.4, Zaremba small 114.5"),
@@ -26,7 +31,7 @@ def quality_rows() -> list[str]:
         m, t = r[split], r["train"]
         figure = f"{m['nll']:.3f} nats/char ({m['bpc']:.3f} bpc)" if "bpc" in m else f"perplexity {m['perplexity']:.1f}"
         rows.append(f"| `{recipe}` | {split}: **{figure}** | {t['seconds'] / 60:.1f} min, {t['steps']} steps, "
-                    f"{t['tokens_per_s']:.0f} tok/s, peak RSS {t['peak_rss_mb']:.0f} MB | {anchor} | "
+                    f"{t['tokens_per_s']:.0f} tok/s, peak RSS {t['peak_rss_mb']:.0f} MB | {anchor} | {measured(r)} | "
                     f"`python benchmarks/quality.py {recipe} --minutes {r['budget_minutes']:g}"
                     f"{' --split valid' if split == 'valid' else ''}` |")
     return rows
@@ -42,18 +47,18 @@ def speed_rows() -> list[str]:
         rows.append(f"| {corpus} (`{r['recipe']}`) | {ref['tokens_per_s']:.0f} | {ours['tokens_per_s']:.0f} | "
                     f"**{r['speedup_tokens_per_s']:.2f}×** | {ref['valid_perplexity']:.1f} → {ours['valid_perplexity']:.1f} | "
                     f"{ref['peak_rss_mb']:.0f} / {ours['peak_rss_mb']:.0f} MB | "
-                    f"{r['generate']['tokens_per_s']:.0f} tok/s, {r['generate']['peak_rss_mb']:.0f} MB | "
+                    f"{r['generate']['tokens_per_s']:.0f} tok/s, {r['generate']['peak_rss_mb']:.0f} MB | {measured(r)} | "
                     f"`python benchmarks/speed.py {corpus} --recipe {r['recipe']} --minutes {r['minutes_each']:g}` |")
     return rows
 
 
 def main() -> None:
-    print("| recipe | result | training | anchor | command |\n| --- | --- | --- | --- | --- |")
+    print("| recipe | result | training | anchor | measured at | command |\n| --- | --- | --- | --- | --- | --- |")
     print("\n".join(quality_rows()))
     print()
     print("| corpus | reference tok/s | nlm tok/s | speed-up | valid ppl after same minutes (reference → nlm) "
-          "| training peak RSS (reference / nlm) | nlm generate | command |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| training peak RSS (reference / nlm) | nlm generate | measured at | command |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(speed_rows()))
 
 

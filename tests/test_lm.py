@@ -113,6 +113,30 @@ def test_linear_cross_entropy_matches_autograd_in_value_and_gradients():
         torch.testing.assert_close(ours, reference, atol=1e-10, rtol=1e-10)
 
 
+def test_fused_loss_gives_the_same_float32_gradients_with_tied_or_frozen_weights():
+    model = make(tie_weights=True, emb_size=12).train()
+    ids = torch.randint(0, 50, (3, 7))
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        features, _ = model(ids[:, :-1], model.init_state(3))
+        if fused:
+            loss = model.loss(features, ids[:, 1:])
+            assert loss.grad_fn.name().startswith("LinearCrossEntropy")
+        else:
+            loss = torch.nn.functional.cross_entropy(model.decoder(features).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and "embedding.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+    model.decoder.bias.requires_grad_(False)  # a frozen operand gets no gradient
+    model.zero_grad()
+    features, _ = model(ids[:, :-1])
+    model.loss(features, ids[:, 1:]).backward()
+    assert model.decoder.bias.grad is None and model.embedding.weight.grad is not None
+
+
 def test_training_loss_uses_the_fused_path_with_the_same_value():
     model = make(tie_weights=True, emb_size=12).train()
     ids = torch.randint(0, 50, (3, 7))

@@ -85,3 +85,20 @@ def test_keep_mask_drops_at_rate_p_and_keeps_the_mean(p):
     assert torch.equal(keep_mask((400, 500), p, torch.empty(0)), mask)  # the seed decides it
     odd = keep_mask((3, 7, 5), p, torch.empty(0, dtype=torch.float64))  # sizes not a multiple of 4
     assert odd.shape == (3, 7, 5) and odd.dtype == torch.float64
+    state = torch.get_rng_state()
+    first = keep_mask((50, 60), p, torch.empty(0))
+    assert not torch.equal(keep_mask((50, 60), p, torch.empty(0)), first)  # a fresh mask each call
+    torch.set_rng_state(state)
+    assert torch.equal(keep_mask((50, 60), p, torch.empty(0)), first)  # the saved generator state replays it
+
+
+@pytest.mark.parametrize("p", [3e-6, 1e-3, 0.999995])
+def test_keep_mask_rates_the_bits_cannot_express(p):
+    """Below about 0.01 and within 2^-16 of 1, 16 bits cannot hold p to 0.1%: bernoulli_ draws instead."""
+    torch.manual_seed(2)
+    n = 2_000_000
+    mask = keep_mask((n,), p, torch.empty(0))
+    dropped = (mask == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1 / n
+    kept = mask[mask > 0]
+    assert kept.numel() == 0 or abs(kept[0].item() - 1 / (1 - p)) < 1e-3 / (1 - p)

@@ -114,8 +114,8 @@ class RNNLM(nn.Module):
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
             nll = -self.decoder(flat, flat_targets).output
             return nll.mean() if reduction == "mean" else nll.view_as(targets)
-        if reduction == "mean" and torch.is_grad_enabled() and flat.dtype == torch.float32 and \
-                not torch.is_autocast_enabled(flat.device.type):
+        if reduction == "mean" and torch.is_grad_enabled() and flat.dtype == self.decoder.weight.dtype == \
+                torch.float32 and not torch.is_autocast_enabled(flat.device.type):
             return LinearCrossEntropy.apply(flat, self.decoder.weight, self.decoder.bias, flat_targets)
         logits = self.decoder(flat).float()
         nll = F.cross_entropy(logits, flat_targets, reduction=reduction)

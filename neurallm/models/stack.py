@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -27,23 +28,32 @@ def keep_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor:
 
     On the CPU each element takes 16 random bits, four elements to one 64-bit draw of the
     generator: ``bernoulli_`` (and ``F.dropout``) draw once per element and take about three
-    times as long here, a few percent of a PTB training step. ``p`` is then honoured to 1/65536,
-    and the scale uses that exact keep rate, so the mask's mean stays 1.
+    times as long here, a few percent of a PTB training step. ``p`` is then rounded to 1/65536,
+    and the scale uses that exact keep rate, so the mask's mean stays 1. Where that rounding
+    would move ``p`` by more than 0.1% (p below about 0.01, or within 2^-16 of 1), and off the
+    CPU, ``bernoulli_`` draws the mask.
     """
-    if like.device.type != "cpu":
+    dropped = round(p * 65536)
+    if like.device.type != "cpu" or not 0 < dropped < 65536 or abs(dropped / 65536 - p) > 1e-3 * p:
         return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
     n = math.prod(shape)
-    dropped = round(p * 65536)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
     keep = bits.view(torch.int16)[:n].view(shape) >= dropped - 32768
     return keep.to(like.dtype).mul_(65536 / (65536 - dropped))
+
+
+def drop(x, p: float):
+    """Standard dropout (training mode): the CPU's faster masks; elsewhere torch's fused kernel."""
+    return x * keep_mask(x.shape, p, x) if x.device.type == "cpu" else F.dropout(x, p, True)
 
 
 def dropout(x, p: float, training: bool, locked: bool):
     """Standard dropout, or locked (variational): one mask per sequence, shared over time."""
     if not training or p == 0:
         return x
-    return x * keep_mask((x.size(0), 1, x.size(2)) if locked else x.shape, p, x)  # locked: (batch, 1, features)
+    if locked:
+        return x * keep_mask((x.size(0), 1, x.size(2)), p, x)  # (batch, 1, features)
+    return drop(x, p)
 
 
 class Layer(nn.Module):
@@ -68,7 +78,7 @@ class Layer(nn.Module):
             return self._reference(x, state)
         if weight_drop and self.training:
             # DropConnect on the hidden-to-hidden weights, one mask per forward pass (Merity et al. 2017).
-            dropped = {name: w * keep_mask(w.shape, weight_drop, w) for name, w in self.rnn.named_parameters()
+            dropped = {name: drop(w, weight_drop) for name, w in self.rnn.named_parameters()
                        if name.startswith("weight_hh")}
             call = lambda *args: functional_call(self.rnn, dropped, args)  # noqa: E731
         else:

@@ -35,10 +35,14 @@ def commit() -> str | None:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"], cwd=root, capture_output=True, text=True).stdout.strip()
+                                ":!benchmarks/results"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
+
+
+COMMIT = commit()  # when the benchmark starts: the code it runs, whatever changes while it does
 
 
 def run_json(cmd: list[str], log: Path | None = None) -> dict:
@@ -56,7 +60,7 @@ def write(name: str, figures: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     record = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": commit(), "machine": machine(), **figures}
+              "commit": COMMIT, "machine": machine(), **figures}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     return out

@@ -24,7 +24,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     with the backward written out: the logits' gradient is the softmax minus the one-hot
     target, made in place in the softmax the forward kept. Autograd's path instead fills an
     N x V zero gradient, scatters into it and runs a log-softmax backward over two N x V
-    tensors. On PTB (700 x 10k logits a step) this saves about a tenth of a training step here.
+    tensors. On PTB (700 x 10k logits a step) this saves about 5 ms of a ~85 ms training step here.
     """
 
     @staticmethod

@@ -269,23 +269,19 @@ class Trainer:
                 if self._should_stop(started):
                     stopped = True
                     if window_steps:  # the steps since the last log line: a short run reports its loss too
-                        self._log_train(lr, window_loss / window_steps, (p.tokens - tokens_at_tick) /
-                                        (time.perf_counter() - tick), bar)
+                        self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick, bar)
                     break
                 lr = learning_rate(cfg, p, total_steps)
                 t0 = time.perf_counter()
                 loss, tokens = self.train_step(p.window, lr)
-                if not math.isfinite(loss):
-                    raise NlmError(f"training diverged at step {p.step + 1} (loss {loss}); lower train.lr or "
-                                   f"set train.clip (the last snapshot, if any, is in {self.out / 'resume'})")
+                self._check_finite(loss, f"at step {p.step + 1}")
                 p.train_seconds += time.perf_counter() - t0
                 p.tokens += tokens
                 p.window += 1
                 p.step += 1
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 if p.step % cfg.log_every == 0 or p.window == self.windows:
-                    self._log_train(lr, window_loss / window_steps, (p.tokens - tokens_at_tick) /
-                                    (time.perf_counter() - tick), bar)
+                    self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick, bar)
                     window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
                 if p.step % cfg.save_every == 0:
                     self.snapshot()
@@ -322,6 +318,11 @@ class Trainer:
             stop, p.elapsed = bool(shared[0].item()), shared[1].item()
         return bool(stop)
 
+    def _check_finite(self, loss: float, where: str) -> None:
+        if not math.isfinite(loss):
+            raise NlmError(f"training diverged {where} (loss {loss}); lower train.lr or set train.clip "
+                           f"(the last snapshot, if any, is in {self.out / 'resume'})")
+
     def end_epoch(self) -> None:
         p = self.progress
         self.validate()
@@ -339,9 +340,7 @@ class Trainer:
         """Validation loss; saves the weights as the run's checkpoint when they are the best so far."""
         p = self.progress
         p.valid_loss = token_nll(self.model, self.valid_ids, self.cfg.eval_batch_size, self.cfg.bptt).mean().item()
-        if not math.isfinite(p.valid_loss):
-            raise NlmError(f"training diverged: validation loss {p.valid_loss} at step {p.step}; lower train.lr "
-                           f"or set train.clip (the last snapshot, if any, is in {self.out / 'resume'})")
+        self._check_finite(p.valid_loss, f"in validation at step {p.step}")
         improved = p.valid_loss < p.best_valid
         record = {"step": p.step, "epoch": p.epoch, "valid_loss": p.valid_loss,
                   "valid_perplexity": math.exp(min(p.valid_loss, 700))}
@@ -463,10 +462,12 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _log_train(self, lr: float, loss: float, rate: float, bar) -> None:
+    def _log_train(self, lr: float, loss_sum: float, steps: int, since: float, tokens_since: int, bar) -> None:
+        """Log the mean loss and the token rate of the ``steps`` steps since time ``since``."""
         p = self.progress
-        p.train_loss = loss
-        self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": loss, "tokens_per_s": rate})
+        p.train_loss = loss_sum / steps
+        rate = (p.tokens - tokens_since) / (time.perf_counter() - since)
+        self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss, "tokens_per_s": rate})
         self._bar_update(bar, rate)
 
     def _bar(self):

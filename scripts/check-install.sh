@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# What a user installs is what runs: in clean virtual environments,
+# 1. `pip install .` alone (no extras), at the lowest versions pyproject.toml admits for each
+#    dependency but torch (2.13.0), runs train, eval, generate and score on a small slice of text;
+# 2. each extra, installed on top of that plain install by itself, imports its modules.
+# Run by .ci/run; by hand: bash scripts/check-install.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # pip's notes on absent local indexes
+
+echo "== plain install, lowest dependency versions"
+python3 -m venv "$work/plain"
+py="$work/plain/bin/python"
+quiet "$py" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+# Each lower bound ">=X" of the core dependencies becomes "==X" (torch stays at 2.13.0).
+"$py" - "$root/pyproject.toml" > "$work/lowest.txt" <<'EOF'
+import re, sys, tomllib
+for req in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    m = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", req)
+    if m and m.group(1) != "torch":
+        print(f"{m.group(1)}=={m.group(2)}")
+EOF
+cat "$work/lowest.txt"
+quiet "$py" -m pip install -q "$root" -c "$work/lowest.txt"
+"$py" -m pip list 2>/dev/null | grep -i -E "^(torch|numpy|safetensors|tokenizers|tqdm|matplotlib) " || true
+if "$py" -c "import matplotlib" 2>/dev/null; then
+  echo "matplotlib is installed without the plots extra: the check cannot tell what a plain install lacks" >&2
+  exit 1
+fi
+
+# A small corpus: the first lines of Tiny Shakespeare where the shared data is, else a few made-up lines.
+corpus="$work/corpus"
+mkdir -p "$corpus"
+src="${NLM_DATA_DIR:-$root/../shared/data}/tinyshakespeare/input.txt"
+if [ -f "$src" ]; then
+  head -n 400 "$src" > "$corpus/train.txt"
+  sed -n 401,460p "$src" > "$corpus/valid.txt"
+else
+  for i in $(seq 1 200); do echo "First Citizen: we are accounted poor citizens, the patricians good $i."; done \
+    > "$corpus/train.txt"
+  head -n 30 "$corpus/train.txt" > "$corpus/valid.txt"
+fi
+cp "$corpus/valid.txt" "$corpus/test.txt"
+
+nlm="$work/plain/bin/nlm"
+run="$work/run"
+(
+  cd "$work"
+  "$nlm" train shakespeare-char --out "$run" --max-steps 3 --no-progress --data.corpus="$corpus" \
+    --model.hidden_size=16 --model.emb_size=8 --train.batch_size=4 --train.bptt=16 --train.eval_batch_size=2
+  test -f "$run/model.safetensors"
+  "$nlm" eval "$run" --split test --json
+  "$nlm" generate "$run" --prompt "ROMEO:" --max-tokens 40 --seed 1
+  "$nlm" score "$run" --text "ROMEO: hi" --json > /dev/null
+  "$nlm" data list > /dev/null
+)
+
+echo "== each extra on its own"
+extras=$("$py" -c "import tomllib; print(' '.join(tomllib.load(open('$root/pyproject.toml', 'rb'))['project']['optional-dependencies']))")
+for extra in $extras; do
+  cp -a "$work/plain" "$work/extra-$extra"  # the plain install, then this extra alone
+  xpy="$work/extra-$extra/bin/python"
+  quiet "$xpy" -m pip install -q "$root[$extra]"
+  # Import every top-level module of every distribution the extra names.
+  "$xpy" - "$root/pyproject.toml" "$extra" <<'EOF'
+import importlib, importlib.metadata as md, re, sys, tomllib
+extra = sys.argv[2]
+reqs = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"][extra]
+modules = {dist.lower().replace("_", "-"): [] for dist in (re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in reqs)}
+for module, dists in md.packages_distributions().items():
+    for dist in dists:
+        if dist.lower().replace("_", "-") in modules and not module.startswith("_"):
+            modules[dist.lower().replace("_", "-")].append(module)
+for dist, names in modules.items():
+    if not names:
+        sys.exit(f"extra {extra}: {dist} installed no importable module")
+    for name in names:
+        importlib.import_module(name)
+print(f"extra {extra}: imported {', '.join(sorted(n for ns in modules.values() for n in ns))}")
+EOF
+  if [ "$extra" = plots ]; then  # and what the extra is for works
+    "$xpy" -c "from neurallm.plots import training_curves; assert training_curves('$run/metrics.jsonl', '$work/c.png')"
+  fi
+  rm -rf "$work/extra-$extra"
+done
+echo "install check passed"

@@ -26,21 +26,30 @@ class Sampling:
             raise NlmError(f"--top-p {self.top_p}: expected a number in (0, 1]")
 
 
+def distribution(logprobs: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The probabilities (V,) a draw is made from: temperature, then the top-k and top-p cuts,
+    renormalised over what survives. Greedy (temperature 0) puts all mass on the argmax."""
+    if sampling.temperature == 0:
+        return torch.zeros_like(logprobs, dtype=torch.float64).index_fill_(0, logprobs.argmax().view(1), 1.0)
+    logits = logprobs.double()  # float64: a temperature as small as 1e-300 stays nonzero
+    logits = (logits - logits.max()) / sampling.temperature  # the best id stays 0, even as T -> 0
+    if sampling.top_k and sampling.top_k < logits.numel():
+        # Exactly k survive: among equal logits at the cut, the lower ids (a stable sort keeps their order).
+        cut = logits.sort(descending=True, stable=True).indices[sampling.top_k:]
+        logits = logits.index_fill(0, cut, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    return logits.softmax(-1)
+
+
 def sample(logprobs: torch.Tensor, rng: torch.Generator, sampling: Sampling) -> int:
     """Draw one id from log-probabilities (V,)."""
     if sampling.temperature == 0:
         return int(logprobs.argmax())
-    logits = logprobs.double()  # float64: a temperature as small as 1e-300 stays nonzero
-    logits = (logits - logits.max()) / sampling.temperature  # the best id stays 0, even as T -> 0
-    if sampling.top_k and sampling.top_k < logits.numel():
-        kth = torch.topk(logits, sampling.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=rng))
+    return int(torch.multinomial(distribution(logprobs, sampling), 1, generator=rng))
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import torch
 
 from neurallm.config import ModelConfig
 from neurallm.errors import NlmError
-from neurallm.generate import Sampling, generate, sample
+from neurallm.generate import Sampling, distribution, generate, sample
 from neurallm.models.lm import RNNLM
 
 LOGPROBS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
@@ -57,3 +57,28 @@ def test_a_tiny_temperature_is_greedy():
     rng = torch.Generator().manual_seed(0)
     for temperature in (5e-324, 1e-46, 1e-30, 1e-6):
         assert sample(logprobs, rng, Sampling(temperature=temperature)) == int(logprobs.argmax())
+
+
+def test_cut_distributions_are_renormalised():
+    probs = LOGPROBS.exp().double()
+    torch.testing.assert_close(distribution(LOGPROBS, Sampling(top_k=2)),
+                               torch.tensor([0.5, 0.3, 0, 0], dtype=torch.float64) / 0.8)
+    torch.testing.assert_close(distribution(LOGPROBS, Sampling(top_p=0.81)),
+                               torch.tensor([0.5, 0.3, 0.15, 0], dtype=torch.float64) / 0.95)
+    torch.testing.assert_close(distribution(LOGPROBS, Sampling()), probs)
+    hot = distribution(LOGPROBS, Sampling(temperature=2.0))
+    torch.testing.assert_close(hot, probs.sqrt() / probs.sqrt().sum())  # p^(1/T), renormalised
+    both = distribution(LOGPROBS, Sampling(top_k=3, top_p=0.7))  # top-k first, then the nucleus of what is left
+    torch.testing.assert_close(both, torch.tensor([0.5, 0.3, 0, 0], dtype=torch.float64) / 0.8)
+    greedy = distribution(LOGPROBS, Sampling(temperature=0))
+    assert greedy.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_top_k_keeps_exactly_k_among_ties():
+    tied = torch.log(torch.tensor([0.1, 0.3, 0.3, 0.3]))
+    probs = distribution(tied, Sampling(top_k=2))
+    assert (probs > 0).sum() == 2
+    assert probs.tolist() == [0.0, 0.5, 0.5, 0.0]  # the lower ids win the tie
+    assert draws(Sampling(top_k=2), 200) <= {0, 1}
+    rng = torch.Generator().manual_seed(0)
+    assert {sample(tied, rng, Sampling(top_k=2)) for _ in range(200)} == {1, 2}

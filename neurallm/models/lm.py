@@ -54,6 +54,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _full_precision(x: torch.Tensor):
+    """No autocast: torch's adaptive softmax writes each cluster's bf16 log-probabilities into
+    an fp32 result and fails ("index_copy_(): self and source expected to have the same dtype")."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class RNNLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -112,7 +118,8 @@ class RNNLM(nn.Module):
         """Cross-entropy in nats. features (batch, time, F), targets (batch, time)."""
         flat, flat_targets = features.reshape(-1, features.size(-1)), targets.reshape(-1)
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
-            nll = -self.decoder(flat, flat_targets).output
+            with _full_precision(flat):
+                nll = -self.decoder(flat.float(), flat_targets).output
             return nll.mean() if reduction == "mean" else nll.view_as(targets)
         if reduction == "mean" and torch.is_grad_enabled() and flat.dtype == self.decoder.weight.dtype == \
                 torch.float32 and not torch.is_autocast_enabled(flat.device.type):
@@ -125,7 +132,8 @@ class RNNLM(nn.Module):
         """features (..., F) -> log-probabilities over the vocabulary (..., V)."""
         flat = features.reshape(-1, features.size(-1))
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
-            out = self.decoder.log_prob(flat)
+            with _full_precision(flat):
+                out = self.decoder.log_prob(flat.float())
         else:
             out = F.log_softmax(self.decoder(flat).float(), dim=-1)
         return out.view(*features.shape[:-1], -1)

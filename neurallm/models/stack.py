@@ -83,6 +83,14 @@ class Layer(nn.Module):
             call = lambda *args: functional_call(self.rnn, dropped, args)  # noqa: E731
         else:
             call = self.rnn
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN has no bf16 recurrent kernel on CPUs without bf16 instructions ("could not create
+            # a primitive descriptor"): the recurrence runs in fp32, the layers around it in bf16.
+            with torch.autocast("cpu", enabled=False):
+                return self._fused(call, x.float(), state.float())
+        return self._fused(call, x, state)
+
+    def _fused(self, call, x, state):
         if self.cell == "lstm":
             out, (h, c) = call(x, (state[0].contiguous(), state[1].contiguous()))
             return out, torch.stack((h, c))

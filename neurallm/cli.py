@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from neurallm.errors import NlmError
@@ -48,17 +49,31 @@ def cmd_train(args, overrides: list[str]) -> int:
     _emit(result, args.json, [
         f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['tokens_per_s']:.0f} tokens/s); "
         f"train loss {result['train_loss']:.4f}; {metric}",
-        f"best checkpoint: {result['checkpoint']}  (curves: {out / 'curves.png'})"])
+        f"best checkpoint: {result['checkpoint']}" +
+        (f"  (curves: {out / 'curves.png'})" if (out / "curves.png").is_file() else "")])
     return 0
 
 
 def _tokens_of(args, tokenizer, recipe):
+    """-> (ids, counts of what the vocabulary could not hold, where the text came from)."""
     from neurallm.data import corpora
+    from neurallm.evaluate import encode
 
     if args.file:
-        return tokenizer.encode(corpora.read_text(args.file), source=args.file), args.file
-    name = args.data or recipe.data.corpus
-    return tokenizer.encode(corpora.split_text(name, args.split), source=f"{name}/{args.split}"), f"{name}/{args.split}"
+        source, text = args.file, corpora.read_text(args.file)
+    else:
+        name = args.data or recipe.data.corpus
+        source, text = f"{name}/{args.split}", corpora.split_text(name, args.split)
+    ids, counts = encode(tokenizer, text, source, args.unknown)
+    return ids, counts, source
+
+
+def _vocabulary_note(result: dict) -> str:
+    if result.get("skipped"):
+        return f"; left out {result['skipped']} characters outside the vocabulary"
+    if "unknown" in result:
+        return f"; {result['unknown']} tokens are <unk> ({100 * result['unknown_rate']:.2f}%)"
+    return ""
 
 
 def cmd_eval(args, _) -> int:
@@ -66,12 +81,14 @@ def cmd_eval(args, _) -> int:
     from neurallm.evaluate import evaluate
 
     model, recipe, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
-    ids, source = _tokens_of(args, tokenizer, recipe)
-    result = evaluate(model, tokenizer, ids, batch_size=args.batch_size, bptt=args.bptt)
+    ids, counts, source = _tokens_of(args, tokenizer, recipe)
+    if not ids:
+        raise NlmError(f"{source}: no tokens left to evaluate")
+    result = {**evaluate(model, tokenizer, ids, batch_size=args.batch_size, bptt=args.bptt), **counts}
     result["source"] = source
     metric = (f"bpc {result['bpc']:.4f}" if "bpc" in result else f"perplexity {result['perplexity']:.2f}")
     _emit(result, args.json, [f"{source}: {metric} (nll {result['nll']:.4f} nats/token) over {result['tokens']} "
-                              f"tokens, {result['tokens_per_s']:.0f} tokens/s"])
+                              f"tokens, {result['tokens_per_s']:.0f} tokens/s{_vocabulary_note(result)}"])
     return 0
 
 
@@ -103,10 +120,10 @@ def cmd_score(args, _) -> int:
         raise NlmError("nlm score: give exactly one of --text or --file")
     model, _, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
     text = args.text if args.text is not None else corpora.read_text(args.file)
-    result = score(model, tokenizer, text, source=args.file or "--text")
+    result = score(model, tokenizer, text, source=args.file or "--text", unknown=args.unknown)
     lines = [f"{t['logprob']:10.4f}  {t['token']!r}" for t in result["tokens"]]
     lines.append(f"total log-probability {result['total_logprob']:.4f} over {result['count']} tokens "
-                 f"(mean {result['mean_logprob']:.4f})")
+                 f"(mean {result['mean_logprob']:.4f}){_vocabulary_note(result)}")
     _emit(result, args.json, lines)
     return 0
 
@@ -140,8 +157,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
+def _add_unknown_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unknown", default="error", choices=["error", "skip"],
+                   help="characters outside a character model's vocabulary: an error (default), or left out of "
+                        "the score and counted; word models map unknown words to <unk> and count them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlm", description="Recurrent neural language models.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("train", help="train a language model from a recipe",
@@ -163,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="any UTF-8 text file instead of a corpus split")
     p.add_argument("--batch-size", type=positive, default=1, help="rows read in parallel (1: exact sequential score)")
     p.add_argument("--bptt", type=positive, default=70)
+    _add_unknown_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -180,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--text")
     p.add_argument("--file")
+    _add_unknown_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
 
@@ -191,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("NLM_DEBUG"))  # anywhere on the line, not only before the verb
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args([a for a in argv if a != "--debug"])
     if rest and not getattr(args, "overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -203,3 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nlm: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an environment problem, not bad input: one line, the details on request
+        if debug:
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"nlm: internal error: {type(e).__name__}: {message} (in {Path(where.filename).name}:{where.lineno}; "
+              f"run again with --debug or NLM_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1

@@ -32,10 +32,19 @@ class DataConfig:
     corpus: str = "ptb"
     tokenizer: str = "word"  # word | char | bpe
     bpe_vocab_size: int = 8000
+    # Word vocabulary: the max_vocab most frequent words seen at least min_freq times in the
+    # training split; every other word is <unk> in training too, so <unk> gets a real probability.
+    max_vocab: int = 0  # 0: no cap
+    min_freq: int = 1
 
     def __post_init__(self):
         _check(self.tokenizer in ("word", "char", "bpe"), "data.tokenizer", self.tokenizer, "word, char or bpe")
         _check(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", self.bpe_vocab_size, "an integer >= 260")
+        _check(self.max_vocab == 0 or self.max_vocab >= 3, "data.max_vocab", self.max_vocab,
+               "0 (no cap) or an integer >= 3: <eos>, <unk> and a word")
+        _check(self.min_freq >= 1, "data.min_freq", self.min_freq, "an integer >= 1")
+        _check(self.tokenizer == "word" or (self.max_vocab == 0 and self.min_freq == 1), "data.max_vocab/min_freq",
+               (self.max_vocab, self.min_freq), "the defaults (0, 1) unless data.tokenizer is word")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from neurallm.data.batching import columns, num_windows, window
 from neurallm.errors import NlmError
 
 
-@torch.no_grad()
 def token_nll(model, ids: torch.Tensor, batch_size: int = 1, bptt: int = 70) -> torch.Tensor:
     """Negative log-likelihood (nats) of each token of a stream, predicted from all before it.
 
@@ -21,9 +20,15 @@ def token_nll(model, ids: torch.Tensor, batch_size: int = 1, bptt: int = 70) -> 
     which is faster but leaves each row's first token and the short tail unscored
     (as pytorch/examples does); training's validation uses it. Returns (batch, tokens_per_row).
     """
+    return rows_nll(model, columns(ids, batch_size), bptt)
+
+
+@torch.no_grad()
+def rows_nll(model, data: torch.Tensor, bptt: int = 70) -> torch.Tensor:
+    """(rows, length) token ids, each row its own stream -> NLL of tokens 1.. of each row (rows, length - 1)."""
     model.eval()
     device = next(model.parameters()).device
-    data = columns(ids, batch_size).to(device)
+    data = data.to(device)
     # One preallocated result: keeping many small per-window tensors alive between the
     # large logits buffers fragments glibc's heap (RSS grew by a logits size per window).
     out = torch.empty(data.size(0), data.size(1) - 1)
@@ -39,7 +44,40 @@ def with_boundary(tokenizer, ids: list[int]) -> torch.Tensor:
     return torch.tensor([tokenizer.boundary] + list(ids), dtype=torch.long)
 
 
+UNKNOWN = ("error", "skip")
+
+
+def encode(tokenizer, text: str, source: str = "text", unknown: str = "error") -> tuple[list[int], dict]:
+    """Token ids of a text to score, and what the vocabulary could not hold.
+
+    A character model meets characters outside its vocabulary: an error naming the first
+    (``unknown="error"``), or left out of the scored stream and counted (``"skip"``, reported
+    as ``skipped``). A word model maps unknown words to ``<unk>`` and reports how many
+    (``unknown`` and ``unknown_rate``, as papers do); BPE covers every byte.
+    """
+    if unknown not in UNKNOWN:
+        raise NlmError(f"--unknown {unknown}: expected one of {', '.join(UNKNOWN)}")
+    if tokenizer.kind != "char":
+        if unknown == "skip":
+            raise NlmError(f"--unknown skip applies to character models; this {tokenizer.kind} model "
+                           f"{'maps unknown words to <unk>' if tokenizer.kind == 'word' else 'covers every byte'}")
+        ids = tokenizer.encode(text, source=source)
+        if tokenizer.kind != "word":
+            return ids, {}
+        unknown_count = sum(1 for i in ids if i == tokenizer.unk)
+        return ids, {"unknown": unknown_count, "unknown_rate": unknown_count / max(len(ids), 1)}
+    if unknown == "skip":
+        kept = "".join(c for c in text if c in tokenizer.index)
+        return tokenizer.encode(kept, source=source), {"skipped": len(text) - len(kept)}
+    try:
+        return tokenizer.encode(text, source=source), {"skipped": 0}
+    except NlmError as e:
+        raise NlmError(f"{e} (--unknown skip leaves such characters out of the score)") from None
+
+
 def evaluate(model, tokenizer, ids: list[int], batch_size: int = 1, bptt: int = 70) -> dict:
+    if not ids:
+        raise NlmError("no tokens to evaluate")
     start = time.perf_counter()
     nll = token_nll(model, with_boundary(tokenizer, ids), batch_size, bptt)
     seconds = time.perf_counter() - start
@@ -51,12 +89,13 @@ def evaluate(model, tokenizer, ids: list[int], batch_size: int = 1, bptt: int = 
     return result
 
 
-def score(model, tokenizer, text: str, bptt: int = 70, source: str = "text") -> dict:
+def score(model, tokenizer, text: str, bptt: int = 70, source: str = "text", unknown: str = "error") -> dict:
     """Log-probability of each token of ``text`` (natural log), and the total."""
-    ids = tokenizer.encode(text, source=source)
+    ids, counts = encode(tokenizer, text, source, unknown)
     if not ids:
         raise NlmError(f"{source}: no tokens to score")
     logprobs = (-token_nll(model, with_boundary(tokenizer, ids), 1, bptt)[0]).tolist()
     tokens = [{"token": tokenizer.token(i), "logprob": lp} for i, lp in zip(ids, logprobs)]
     total = sum(logprobs)
-    return {"tokens": tokens, "total_logprob": total, "mean_logprob": total / len(tokens), "count": len(tokens)}
+    return {"tokens": tokens, "total_logprob": total, "mean_logprob": total / len(tokens), "count": len(tokens),
+            **counts}

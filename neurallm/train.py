@@ -35,8 +35,9 @@ from neurallm import checkpoint, config, runtime
 from neurallm.data import corpora, tokenizers
 from neurallm.data.batching import columns, num_windows, shard, window
 from neurallm.errors import NlmError
-from neurallm.evaluate import token_nll, with_boundary
+from neurallm.evaluate import rows_nll, with_boundary
 from neurallm.models.lm import RNNLM
+from neurallm.progress import RunProgress
 
 
 @dataclass
@@ -89,12 +90,27 @@ def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int)
     return lr
 
 
+def end_of_epoch_decay(cfg: config.TrainConfig, progress: Progress) -> None:
+    """The step and plateau schedules act at an epoch's end, after its validation."""
+    p = progress
+    if cfg.schedule == "plateau" and p.valid_loss >= p.plateau_best:
+        p.lr_scale *= cfg.decay_factor  # no better than the best epoch so far
+    if cfg.schedule == "step" and p.epoch >= cfg.decay_start:
+        p.lr_scale *= cfg.decay_factor  # Zaremba et al.: decay after each epoch past decay_start
+    p.plateau_best = min(p.plateau_best, p.valid_loss)
+
+
+def make_tokenizer(recipe: config.Recipe, train_text: str):
+    d = recipe.data
+    return tokenizers.train(d.tokenizer, train_text, d.bpe_vocab_size, d.max_vocab, d.min_freq)
+
+
 def prepare_data(recipe: config.Recipe, tokenizer=None):
     """Train the tokenizer on the training split (unless given) and encode train and valid."""
     name = recipe.data.corpus
     train_text = corpora.split_text(name, "train")
     if tokenizer is None:
-        tokenizer = tokenizers.train(recipe.data.tokenizer, train_text, recipe.data.bpe_vocab_size)
+        tokenizer = make_tokenizer(recipe, train_text)
     train_ids = with_boundary(tokenizer, tokenizer.encode(train_text, source=f"{name}/train"))
     valid_ids = with_boundary(tokenizer, tokenizer.encode(corpora.split_text(name, "valid"), source=f"{name}/valid"))
     return tokenizer, train_ids, valid_ids
@@ -128,6 +144,8 @@ class Trainer:
         tokenizer = None
         if resume:
             tokenizer = tokenizers.from_json(checkpoint.read_json(self.out / "tokenizer.json"))
+        elif self.world > 1:
+            tokenizer = self._shared_tokenizer(recipe)
         torch.manual_seed(recipe.train.seed)
         self.tokenizer, train_ids, valid_ids = prepare_data(recipe, tokenizer)
         self.recipe = config.replace(recipe, model={"vocab_size": self.tokenizer.vocab_size})
@@ -136,9 +154,9 @@ class Trainer:
             raise NlmError(f"train.batch_size {self.cfg.batch_size} is not divisible by {self.world} processes")
         # A split too short for its batch size is found now, not after an epoch of training.
         train_rows = _rows(train_ids, self.cfg.batch_size, f"{recipe.data.corpus}/train", "train.batch_size")
-        _rows(valid_ids, self.cfg.eval_batch_size, f"{recipe.data.corpus}/valid", "train.eval_batch_size")
+        valid_rows = _rows(valid_ids, self.cfg.eval_batch_size, f"{recipe.data.corpus}/valid", "train.eval_batch_size")
         self.train_data = shard(train_rows, self.rank, self.world).to(self.device)
-        self.valid_ids = valid_ids
+        self.valid_rows = valid_rows[self.rank::self.world]  # each process validates its share of the rows
         self.windows = num_windows(self.train_data, self.cfg.bptt)
         self.model = RNNLM(self.recipe.model).to(self.device)
         self.objective = Objective(self.model)
@@ -156,6 +174,14 @@ class Trainer:
         self.hidden = None
         if resume:
             self.restore()
+
+    def _shared_tokenizer(self, recipe: config.Recipe):
+        """Rank 0 trains the tokenizer and sends it to the others: one vocabulary, built once."""
+        made = []
+        self._on_rank0(lambda: made.append(make_tokenizer(recipe, corpora.split_text(recipe.data.corpus, "train"))))
+        box = [made[0].to_json() if made else None]
+        dist.broadcast_object_list(box, 0)
+        return tokenizers.from_json(box[0])
 
     # ---- the run directory -------------------------------------------------------------------
     def _on_rank0(self, work) -> None:
@@ -241,17 +267,16 @@ class Trainer:
         session = time.perf_counter()
         started = session - p.elapsed  # a resumed run goes on with its clock
         first_step = p.step
-        bar = self._bar()
+        self.bar = RunProgress(total_steps, cfg.max_minutes * 60, p.step, p.elapsed, enabled=self.show_progress)
         self._catch_interrupt()
         try:
-            stopped = self._loop(started, total_steps, bar)
+            stopped = self._loop(started, total_steps)
             if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do
                 if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
                     self.validate()  # a bounded run still reports where it got to
                 self.snapshot()
         finally:
-            if bar is not None:
-                bar.close()
+            self.bar.close()
             if self._previous_sigint is not None:
                 signal.signal(signal.SIGINT, self._previous_sigint)
         if self.world > 1:
@@ -259,7 +284,7 @@ class Trainer:
         self.plot()
         return self.summary(time.perf_counter() - session)
 
-    def _loop(self, started: float, total_steps: int, bar) -> bool:
+    def _loop(self, started: float, total_steps: int) -> bool:
         """Train until the epochs are done (-> False) or a bound or Ctrl-C stops the run (-> True)."""
         cfg, p = self.cfg, self.progress
         stopped = False
@@ -269,7 +294,7 @@ class Trainer:
                 if self._should_stop(started):
                     stopped = True
                     if window_steps:  # the steps since the last log line: a short run reports its loss too
-                        self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick, bar)
+                        self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
                     break
                 lr = learning_rate(cfg, p, total_steps)
                 t0 = time.perf_counter()
@@ -281,7 +306,7 @@ class Trainer:
                 p.step += 1
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 if p.step % cfg.log_every == 0 or p.window == self.windows:
-                    self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick, bar)
+                    self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
                     window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
                 if p.step % cfg.save_every == 0:
                     self.snapshot()
@@ -326,11 +351,7 @@ class Trainer:
     def end_epoch(self) -> None:
         p = self.progress
         self.validate()
-        if self.cfg.schedule == "plateau" and p.valid_loss >= p.plateau_best:
-            p.lr_scale *= self.cfg.decay_factor
-        if self.cfg.schedule == "step" and p.epoch >= self.cfg.decay_start:
-            p.lr_scale *= self.cfg.decay_factor  # Zaremba et al.: decay after each epoch past decay_start
-        p.plateau_best = min(p.plateau_best, p.valid_loss)
+        end_of_epoch_decay(self.cfg, p)
         p.epoch += 1
         p.window = 0
         self.hidden = None  # each epoch starts from a zero state
@@ -339,7 +360,13 @@ class Trainer:
     def validate(self) -> None:
         """Validation loss; saves the weights as the run's checkpoint when they are the best so far."""
         p = self.progress
-        p.valid_loss = token_nll(self.model, self.valid_ids, self.cfg.eval_batch_size, self.cfg.bptt).mean().item()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll sum, tokens
+        if self.valid_rows.size(0):
+            nll = rows_nll(self.model, self.valid_rows, self.cfg.bptt)
+            total += torch.tensor([nll.double().sum().item(), nll.numel()], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)  # every process then holds the same figure, bit for bit
+        p.valid_loss = (total[0] / total[1]).item()
         self._check_finite(p.valid_loss, f"in validation at step {p.step}")
         improved = p.valid_loss < p.best_valid
         record = {"step": p.step, "epoch": p.epoch, "valid_loss": p.valid_loss,
@@ -347,6 +374,7 @@ class Trainer:
         if self.tokenizer.kind == "char":
             record["valid_bpc"] = p.valid_loss / math.log(2)
         self._log(record)
+        self.bar.validated(p.step, p.epoch, p.elapsed, p.valid_loss, self.tokenizer.kind == "char")
         if improved:
             p.best_valid = p.valid_loss
             if self.rank == 0:
@@ -406,9 +434,10 @@ class Trainer:
         saved = state["recipe"]
         now = self.recipe.to_dict()
         for section, key in [("data", k) for k in now["data"]] + [("model", k) for k in now["model"]] + \
-                [("train", "batch_size"), ("train", "bptt")]:
-            if json.loads(json.dumps(now[section][key])) != saved[section][key]:
-                raise NlmError(f"{folder}: the run was saved with {section}.{key} = {saved[section][key]!r}, "
+                [("train", "batch_size"), ("train", "bptt"), ("train", "optimizer")]:
+            was = saved[section].get(key, getattr(config.SECTIONS[section](), key))  # a key added since: its default
+            if json.loads(json.dumps(now[section][key])) != json.loads(json.dumps(was)):
+                raise NlmError(f"{folder}: the run was saved with {section}.{key} = {was!r}, "
                                f"not {now[section][key]!r}; resume it with the same value")
         try:
             tensors = load_file(str(folder / "tensors.safetensors"))
@@ -428,6 +457,10 @@ class Trainer:
                 _, idx, key = name.split(".", 2)
                 opt_state.setdefault(int(idx), {})[key] = value
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        for group in self.optimizer.param_groups:  # settings that may change on resume take their new values
+            group["weight_decay"] = self.cfg.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.cfg.momentum
         self.progress = Progress(**state["progress"])
         per = self.train_data.size(0)
         expected = self.model.init_state(per * self.world).shape
@@ -462,30 +495,13 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _log_train(self, lr: float, loss_sum: float, steps: int, since: float, tokens_since: int, bar) -> None:
+    def _log_train(self, lr: float, loss_sum: float, steps: int, since: float, tokens_since: int) -> None:
         """Log the mean loss and the token rate of the ``steps`` steps since time ``since``."""
         p = self.progress
         p.train_loss = loss_sum / steps
         rate = (p.tokens - tokens_since) / (time.perf_counter() - since)
         self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss, "tokens_per_s": rate})
-        self._bar_update(bar, rate)
-
-    def _bar(self):
-        if not self.show_progress:
-            return None
-        from tqdm import tqdm
-
-        total = self.cfg.max_steps or self.cfg.epochs * self.windows
-        return tqdm(total=total, initial=self.progress.step, unit="step", dynamic_ncols=True, leave=False)
-
-    def _bar_update(self, bar, rate: float) -> None:
-        if bar is None:
-            return
-        p = self.progress
-        bar.n = p.step
-        bar.set_postfix(epoch=p.epoch, loss=f"{p.train_loss:.3f}", ppl=f"{math.exp(min(p.train_loss, 50)):.1f}",
-                        tok_s=f"{rate:.0f}", refresh=False)
-        bar.refresh()
+        self.bar.update(p.step, p.elapsed, p.epoch, p.train_loss, rate)
 
     def plot(self) -> None:
         if self.rank == 0:
@@ -499,7 +515,10 @@ class Trainer:
                "seconds": seconds,  # this command's wall-clock time
                "elapsed_seconds": p.elapsed,  # the run's clock, across resumes (what --max-minutes bounds)
                "train_seconds": p.train_seconds, "tokens": p.tokens,
-               "tokens_per_s": p.tokens / max(p.train_seconds, 1e-9), "train_loss": p.train_loss,
+               # over the run's wall-clock, validation and snapshots included (as benchmarks/ measures both sides)
+               "tokens_per_s": p.tokens / max(p.elapsed, 1e-9),
+               "train_step_tokens_per_s": p.tokens / max(p.train_seconds, 1e-9),  # training steps only
+               "train_loss": p.train_loss,
                "valid_loss": p.valid_loss, "valid_perplexity": math.exp(min(p.valid_loss, 700)),
                "best_valid_loss": p.best_valid, "peak_rss_mb": peak_rss_mb(),
                "processes": self.world, "device": str(self.device), "interrupted": self.interrupted}

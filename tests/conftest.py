@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -55,3 +56,30 @@ def char_corpus(tmp_path) -> Path:
     (out / "valid.txt").write_text("".join(lines[400:460]), encoding="utf-8")
     (out / "test.txt").write_text("".join(lines[460:]), encoding="utf-8")
     return out
+
+
+@pytest.fixture
+def char_run(char_corpus, tmp_path):
+    """A tiny character model trained for 8 steps on the Shakespeare slice."""
+    from neurallm.cli import main
+
+    out = tmp_path / "char-run"
+    assert main(["train", "shakespeare-char", "--out", str(out), "--max-steps", "8", "--json", "--no-progress",
+                 f"--data.corpus={char_corpus}", *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def word_run(word_corpus, tmp_path):
+    """A tiny word model trained for 8 steps on the PTB slice."""
+    from neurallm.cli import main
+
+    out = tmp_path / "word-run"
+    assert main(["train", "ptb-small", "--out", str(out), "--max-steps", "8", "--no-progress",
+                 f"--data.corpus={word_corpus}", *TINY]) == 0
+    return out
+
+
+def last_json(capsys) -> dict:
+    """The last line of what a verb printed, as JSON."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])

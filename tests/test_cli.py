@@ -8,27 +8,7 @@ import pytest
 
 from neurallm.cli import main
 
-from conftest import TINY
-
-
-@pytest.fixture
-def char_run(char_corpus, tmp_path):
-    out = tmp_path / "char-run"
-    assert main(["train", "shakespeare-char", "--out", str(out), "--max-steps", "8", "--json", "--no-progress",
-                 f"--data.corpus={char_corpus}", *TINY]) == 0
-    return out
-
-
-@pytest.fixture
-def word_run(word_corpus, tmp_path):
-    out = tmp_path / "word-run"
-    assert main(["train", "ptb-small", "--out", str(out), "--max-steps", "8", "--no-progress",
-                 f"--data.corpus={word_corpus}", *TINY]) == 0
-    return out
-
-
-def last_json(capsys) -> dict:
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+from conftest import TINY, last_json
 
 
 def test_train_json_summary(char_corpus, tmp_path, capsys):

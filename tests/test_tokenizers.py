@@ -19,7 +19,7 @@ def test_char_round_trip_and_unknown_character():
 
 def test_bpe_round_trip_on_real_text_and_unseen_characters():
     text = head(need("tinyshakespeare", "input.txt"), 400)
-    tok = tokenizers.train("bpe", text, vocab_size=400)
+    tok = tokenizers.train("bpe", text, bpe_vocab_size=400)
     assert tok.vocab_size == 400
     for sample in (text[:2000], TEXT, "unseen: 東京 ∑ 🙂\n\n  spaces  "):
         ids = tok.encode(sample)
@@ -28,7 +28,7 @@ def test_bpe_round_trip_on_real_text_and_unseen_characters():
 
 
 def test_bpe_stream_decoding_waits_for_whole_characters():
-    tok = tokenizers.train("bpe", TEXT * 3, vocab_size=300)
+    tok = tokenizers.train("bpe", TEXT * 3, bpe_vocab_size=300)
     ids = tok.encode("🙂 café")
     write = tok.stream()
     pieces = [write(i) for i in ids]
@@ -49,7 +49,7 @@ def test_word_tokenizer_follows_ptb_conventions():
 
 @pytest.mark.parametrize("kind", ["char", "word", "bpe"])
 def test_json_round_trip(kind):
-    tok = tokenizers.train(kind, TEXT * 3, vocab_size=300)
+    tok = tokenizers.train(kind, TEXT * 3, bpe_vocab_size=300)
     again = tokenizers.from_json(tok.to_json())
     assert again.encode(TEXT) == tok.encode(TEXT)
     assert again.vocab_size == tok.vocab_size
@@ -61,3 +61,26 @@ def test_malformed_tokenizer_json():
         tokenizers.from_json({"type": "sentencepiece"})
     with pytest.raises(NlmError, match="malformed char tokenizer"):
         tokenizers.from_json({"type": "char"})
+
+
+def test_word_vocabulary_caps():
+    text = "a a a a b b b c c d\ne e f\n"
+    full = tokenizers.train("word", text)
+    assert full.vocab == ["<eos>", "<unk>", "a", "b", "c", "e", "d", "f"]  # by count, ties by first appearance
+    frequent = tokenizers.train("word", text, min_freq=2)
+    assert frequent.vocab == ["<eos>", "<unk>", "a", "b", "c", "e"]
+    assert frequent.decode(frequent.encode("d a f\n")) == "<unk> a <unk>\n"
+    capped = tokenizers.train("word", text, max_vocab=4)
+    assert capped.vocab == ["<eos>", "<unk>", "a", "b"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.max_vocab=2", "data.max_vocab"), ("--data.min_freq=0", "data.min_freq"),
+    ("--data.tokenizer=char", "data.max_vocab/min_freq")])
+def test_bad_vocabulary_settings(override, message):
+    from neurallm import config
+    from neurallm.errors import NlmError
+
+    extra = ["--data.min_freq=2"] if override == "--data.tokenizer=char" else []
+    with pytest.raises(NlmError, match=message):
+        config.load_recipe("ptb-small", [override, *extra])

@@ -254,3 +254,44 @@ def test_metrics_log_starts_fresh_and_resume_drops_records_past_the_snapshot(wor
                    if "train_loss" in r]
     assert train_steps == list(range(1, 11))
     assert (out / "curves.png").is_file()
+
+
+def test_resume_applies_changed_momentum_and_weight_decay_and_refuses_another_optimizer(word_corpus, tmp_path):
+    from neurallm.train import Trainer
+
+    out = tmp_path / "run"
+    train(recipe(word_corpus, "--train.max_steps=6", "--train.momentum=0.5"), out, show_progress=False)
+    with pytest.raises(NlmError, match=r"saved with train.optimizer = 'sgd', not 'adamw'"):
+        train(recipe(word_corpus, "--train.max_steps=9", "--train.optimizer=adamw", "--train.lr=0.01"), out,
+              resume=True, show_progress=False)
+    resumed = Trainer(recipe(word_corpus, "--train.max_steps=9", "--train.momentum=0.9", "--train.weight_decay=1e-4"),
+                      out, resume=True, show_progress=False)
+    try:
+        groups = resumed.optimizer.param_groups
+        assert [g["momentum"] for g in groups] == [0.9] and [g["weight_decay"] for g in groups] == [1e-4]
+        assert resumed.optimizer.state  # the momentum buffers were restored, not dropped
+        assert resumed.fit()["steps"] == 9
+    finally:
+        resumed.close()
+    saved = json.loads((out / "resume" / "state.json").read_text())
+    assert saved["recipe"]["train"]["momentum"] == 0.9 and saved["optimizer"]["param_groups"][0]["momentum"] == 0.9
+
+
+def test_capped_word_vocabulary_gives_unknown_words_a_real_probability(char_corpus, tmp_path):
+    """Raw text (no <unk> in it) as a word corpus: without a cap, <unk> never occurs in training and an
+    unseen word at evaluation costs dozens of nats; with min_freq=2 the rare words train <unk>."""
+    results = {}
+    for min_freq in (1, 2):
+        out = tmp_path / f"min{min_freq}"
+        train(config.load_recipe("ptb-small", [f"--data.corpus={char_corpus}", *TINY, "--train.max_steps=60",
+                                               "--train.lr=20", f"--data.min_freq={min_freq}"]), out,
+              show_progress=False)
+        model, _, tok = checkpoint.load(out)
+        text = (char_corpus / "test.txt").read_text()
+        ids = tok.encode(text)
+        unseen = sum(1 for w in text.split() if w not in tok.index)
+        assert unseen > 20 and sum(i == tok.unk for i in ids) == unseen
+        results[min_freq] = (evaluate(model, tok, ids)["perplexity"], tok.vocab_size)
+    (uncapped, _), (capped, vocab) = results[1], results[2]
+    assert math.isfinite(capped) and capped < vocab / 4  # a sensible figure: well below a uniform guess
+    assert capped < uncapped / 2

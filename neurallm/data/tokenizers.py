@@ -23,7 +23,7 @@ class CharTokenizer:
         self.boundary = self.index["\n"]
 
     @classmethod
-    def train(cls, text: str, vocab_size: int = 0) -> "CharTokenizer":
+    def train(cls, text: str) -> "CharTokenizer":
         return cls(sorted(set(text) | {"\n"}))
 
     def encode(self, text: str, source: str = "text") -> list[int]:
@@ -63,12 +63,13 @@ class WordTokenizer:
         self.unk = self.index[self.UNK]
 
     @classmethod
-    def train(cls, text: str, vocab_size: int = 0) -> "WordTokenizer":
+    def train(cls, text: str, max_vocab: int = 0, min_freq: int = 1) -> "WordTokenizer":
+        """The words of ``text``, at most ``max_vocab`` tokens in all (0: no cap), each seen ``min_freq`` times."""
         counts = Counter(w for line in text.splitlines() for w in line.split())
         counts.pop(cls.EOS, None)
         counts.pop(cls.UNK, None)
         # Most frequent first (ties by first appearance), so an adaptive softmax's head holds the common words.
-        words = [w for w, _ in counts.most_common(vocab_size - 2 if vocab_size else None)]
+        words = [w for w, n in counts.most_common(max_vocab - 2 if max_vocab else None) if n >= min_freq]
         return cls([cls.EOS, cls.UNK] + words)
 
     def encode(self, text: str, source: str = "text") -> list[int]:
@@ -159,8 +160,13 @@ class BPETokenizer:
 KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
 
 
-def train(kind: str, text: str, vocab_size: int = 8000):
-    return KINDS[kind].train(text, vocab_size if kind == "bpe" else 0)
+def train(kind: str, text: str, bpe_vocab_size: int = 8000, max_vocab: int = 0, min_freq: int = 1):
+    """A tokenizer of ``kind`` trained on ``text`` (the caps apply to the word tokenizer, the size to BPE)."""
+    if kind == "word":
+        return WordTokenizer.train(text, max_vocab, min_freq)
+    if kind == "bpe":
+        return BPETokenizer.train(text, bpe_vocab_size)
+    return CharTokenizer.train(text)
 
 
 def from_json(data: dict, source: str = "tokenizer.json"):

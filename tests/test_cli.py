@@ -1,6 +1,7 @@
 """Every verb of the command line runs; bad input gets one clear line and exit status 2."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -16,14 +17,21 @@ def test_train_json_summary(char_corpus, tmp_path, capsys):
     assert main(["train", "shakespeare-char", "--out", str(out), "--max-steps", "3", "--json", "--no-progress",
                  f"--data.corpus={char_corpus}", *TINY]) == 0
     summary = last_json(capsys)
-    assert summary["steps"] == 3 and summary["checkpoint"] == str(out)
-    assert {"tokens_per_s", "seconds", "train_loss", "valid_bpc", "valid_perplexity"} <= set(summary)
+    assert summary["steps"] == 3 and summary["checkpoint"] == str(out) and summary["interrupted"] is False
+    assert summary["tokens"] == 3 * 4 * 8  # steps x batch x bptt of TINY
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["elapsed_seconds"])
+    assert summary["train_step_tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_seconds"])
+    assert summary["train_seconds"] <= summary["elapsed_seconds"] <= summary["seconds"]
+    assert summary["valid_bpc"] == pytest.approx(summary["valid_loss"] / math.log(2))
+    assert summary["valid_perplexity"] == pytest.approx(math.exp(summary["valid_loss"]))
+    assert 0 < summary["train_loss"] < 2 * math.log(65)  # about ln(65 characters) after 3 steps
 
 
 def test_eval_split_and_file_and_score_agree(word_run, word_corpus, capsys):
     assert main(["eval", str(word_run), "--data", str(word_corpus), "--split", "test", "--json"]) == 0
     on_split = last_json(capsys)
-    assert {"perplexity", "nll", "tokens", "tokens_per_s"} <= set(on_split)
+    assert on_split["perplexity"] == pytest.approx(math.exp(on_split["nll"]))
+    assert on_split["tokens_per_s"] == pytest.approx(on_split["tokens"] / on_split["seconds"])
     test_file = word_corpus / "test.txt"
     assert main(["eval", str(word_run), "--file", str(test_file), "--json"]) == 0
     on_file = last_json(capsys)
@@ -43,9 +51,16 @@ def test_char_eval_reports_bits_per_character(char_run, char_corpus, capsys):
 
 
 def test_score_text_human_output(char_run, capsys):
+    assert main(["score", str(char_run), "--text", "ROMEO:", "--json"]) == 0
+    scored = last_json(capsys)
     assert main(["score", str(char_run), "--text", "ROMEO:"]) == 0
-    out = capsys.readouterr().out
-    assert "'R'" in out and "total log-probability" in out
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len("ROMEO:") + 1
+    for line, token in zip(lines, scored["tokens"]):  # one line per character: its log-probability, then itself
+        assert line == f"{token['logprob']:10.4f}  {token['token']!r}"
+    assert [t["token"] for t in scored["tokens"]] == list("ROMEO:")
+    assert lines[-1] == (f"total log-probability {scored['total_logprob']:.4f} over 6 tokens "
+                         f"(mean {scored['total_logprob'] / 6:.4f})")
 
 
 def test_generate_streams_repeatably(char_run, capsys):
@@ -67,8 +82,9 @@ def test_word_generate_and_data_verbs(word_run, capsys):
     assert main(["generate", str(word_run), "--prompt", "the company", "--max-tokens", "5", "--top-p", "0.9"]) == 0
     assert capsys.readouterr().out.startswith("the company ")
     assert main(["data", "list"]) == 0
-    listing = capsys.readouterr().out
-    assert "ptb" in listing and "wikitext-2" in listing and "tinyshakespeare" in listing
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in listing] == [["ptb", "found"], ["tinyshakespeare", "found"],
+                                                      ["wikitext-2", "found"]]
     assert main(["data", "info", "ptb"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["files"]["ptb.train.txt"]["sha256"].startswith("fcea919f")
@@ -139,3 +155,22 @@ def test_eval_file_errors(char_run, tmp_path, capsys):
     assert "bad.txt: not UTF-8 text" in capsys.readouterr().err
     assert main(["score", str(char_run)]) == 2
     assert "exactly one of --text or --file" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(char_run, monkeypatch, capsys):
+    import neurallm.evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something deep inside\nwith a second line")
+
+    monkeypatch.setattr(neurallm.evaluate, "evaluate", broken)
+    assert main(["eval", str(char_run)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nlm: internal error: RuntimeError: something deep inside (in ")
+    assert lines[0].endswith("run again with --debug or NLM_DEBUG=1 for the full traceback)")
+    for args in (["--debug", "eval", str(char_run)], ["eval", str(char_run), "--debug"]):
+        with pytest.raises(RuntimeError, match="something deep inside"):
+            main(args)
+    monkeypatch.setenv("NLM_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["eval", str(char_run)])

@@ -54,7 +54,7 @@ def test_score_text_human_output(char_run, capsys):
     assert main(["score", str(char_run), "--text", "ROMEO:", "--json"]) == 0
     scored = last_json(capsys)
     assert main(["score", str(char_run), "--text", "ROMEO:"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
     assert len(lines) == len("ROMEO:") + 1
     for line, token in zip(lines, scored["tokens"]):  # one line per character: its log-probability, then itself
         assert line == f"{token['logprob']:10.4f}  {token['token']!r}"

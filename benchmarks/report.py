@@ -18,8 +18,11 @@ def load(name: str):
 
 
 def measured(r: dict) -> str:
-    """The commit a result was measured at (results from before commits were recorded: the date)."""
-    return f"`{r['commit']}`" if r.get("commit") else r["date"][:16].replace("T", " ")
+    """The commit a result was measured at (results from before commits were recorded: the date),
+    and on which CPU: the project's machines have not all been the same."""
+    when = f"`{r['commit']}`" if r.get("commit") else r["date"][:16].replace("T", " ")
+    cpu = r["machine"]["cpu"].replace("(R)", "").replace(" Processor", "")
+    return f"{when}, {cpu}, {r['machine']['cores']} cores"
 
 
 def quality_rows() -> list[str]:

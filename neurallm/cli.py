@@ -83,7 +83,8 @@ def cmd_eval(args, _) -> int:
     model, recipe, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
     ids, counts, source = _tokens_of(args, tokenizer, recipe)
     if not ids:
-        raise NlmError(f"{source}: no tokens left to evaluate")
+        raise NlmError(f"{source}: no tokens to evaluate" +
+                       (f" (all {counts['skipped']} characters are outside the vocabulary)" if counts.get("skipped") else ""))
     result = {**evaluate(model, tokenizer, ids, batch_size=args.batch_size, bptt=args.bptt), **counts}
     result["source"] = source
     metric = (f"bpc {result['bpc']:.4f}" if "bpc" in result else f"perplexity {result['perplexity']:.2f}")
@@ -164,11 +165,16 @@ def _add_unknown_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nlm", description="Recurrent neural language models.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+    common = argparse.ArgumentParser(add_help=False)  # options every verb takes, before or after its name
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an unexpected error (or set NLM_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="nlm", description="Recurrent neural language models.", parents=[common])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("train", help="train a language model from a recipe",
+    def verb(name: str, **kwargs) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, parents=[common], **kwargs)
+
+    p = verb("train", help="train a language model from a recipe",
                          epilog="Any recipe key can be overridden: --model.hidden_size=650 --train.lr=1")
     p.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
     p.add_argument("--out", help="run directory (default runs/RECIPE)")
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train, overrides=True)
 
-    p = verbs.add_parser("eval", help="perplexity or bits per character on a corpus split or a file")
+    p = verb("eval", help="perplexity or bits per character on a corpus split or a file")
     _add_model_args(p)
     p.add_argument("--data", help="corpus name (default: the one the model was trained on)")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser("generate", help="stream sampled text")
+    p = verb("generate", help="stream sampled text")
     _add_model_args(p)
     p.add_argument("--prompt", default="")
     p.add_argument("--max-tokens", type=positive, default=200)
@@ -201,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = verbs.add_parser("score", help="log-probability of each token of a text")
+    p = verb("score", help="log-probability of each token of a text")
     _add_model_args(p)
     p.add_argument("--text")
     p.add_argument("--file")
@@ -209,18 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
 
-    p = verbs.add_parser("data", help="known corpora: list, info NAME, download NAME")
+    p = verb("data", help="known corpora: list, info NAME, download NAME")
     p.add_argument("action", choices=["list", "info", "download"])
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_data)
     return parser
 
 
+def _where(error: BaseException) -> str:
+    """file:line of the innermost frame of neurallm's own code (deeper frames are torch's or Python's)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if "neurallm" in Path(f.filename).parts] or frames
+    return f"{Path(ours[-1].filename).name}:{ours[-1].lineno}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("NLM_DEBUG"))  # anywhere on the line, not only before the verb
     parser = build_parser()
-    args, rest = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args, rest = parser.parse_known_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("NLM_DEBUG", "").lower() not in ("", "0", "false", "no")
     if rest and not getattr(args, "overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -231,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (nlm ... | head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+        return 141
     except Exception as e:  # a bug or an environment problem, not bad input: one line, the details on request
         if debug:
             raise
-        where = traceback.extract_tb(e.__traceback__)[-1]
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"nlm: internal error: {type(e).__name__}: {message} (in {Path(where.filename).name}:{where.lineno}; "
+        print(f"nlm: internal error: {type(e).__name__}: {message} (in {_where(e)}; "
               f"run again with --debug or NLM_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 1

@@ -93,7 +93,8 @@ def score(model, tokenizer, text: str, bptt: int = 70, source: str = "text", unk
     """Log-probability of each token of ``text`` (natural log), and the total."""
     ids, counts = encode(tokenizer, text, source, unknown)
     if not ids:
-        raise NlmError(f"{source}: no tokens to score")
+        raise NlmError(f"{source}: no tokens to score" +
+                       (f" (all {counts['skipped']} characters are outside the vocabulary)" if counts.get("skipped") else ""))
     logprobs = (-token_nll(model, with_boundary(tokenizer, ids), 1, bptt)[0]).tolist()
     tokens = [{"token": tokenizer.token(i), "logprob": lp} for i, lp in zip(ids, logprobs)]
     total = sum(logprobs)

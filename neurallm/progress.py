@@ -57,13 +57,24 @@ class RunProgress:
             self.bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream,
                             dynamic_ncols=True, leave=False)
 
-    def update(self, step: int, elapsed: float, epoch: int, train_loss: float, tokens_per_s: float) -> None:
-        """After each logged training interval."""
-        if not self.tty:
-            return
+    def _bound(self, step: int, elapsed: float) -> str:
+        """The binding bound, kept unless the pace moves the projected end 5% past the other way,
+        so a run whose pace hovers near the line does not flip its bar at every interval."""
         done = step - self.start_step
         pace = (elapsed - self.start_elapsed) / done if done > 0 else None
         mode = binding_bound(step, self.total_steps, elapsed, self.max_seconds, pace)
+        if self.mode is not None and mode != self.mode and pace is not None and elapsed < self.max_seconds:
+            projected = elapsed + (self.total_steps - step) * pace
+            if abs(projected - self.max_seconds) < 0.05 * self.max_seconds:
+                return self.mode
+        return mode
+
+    def update(self, step: int, elapsed: float, epoch: int, train_loss: float, tokens_per_s: float) -> None:
+        """After each logged training interval."""
+        mode = self._bound(step, elapsed)
+        if not self.tty:
+            self.mode = mode
+            return
         if mode != self.mode:
             self._open(mode, step, elapsed)
         self.bar.n = min(elapsed, self.max_seconds) if mode == "time" else step
@@ -79,9 +90,12 @@ class RunProgress:
             return
         figure = (f"{valid_loss / math.log(2):.4f} bpc" if char_level
                   else f"perplexity {math.exp(min(valid_loss, 700)):.2f}")
-        bound = f" of {self.total_steps}" if self.total_steps else ""
-        print(f"step {step}{bound}, epoch {epoch}, {time.strftime('%H:%M:%S', time.gmtime(elapsed))} elapsed: "
-              f"valid loss {valid_loss:.4f} ({figure})", file=self.stream, flush=True)
+        clock = time.strftime('%H:%M:%S', time.gmtime(elapsed))
+        if self.mode == "time":  # the time bound ends this run: count against it
+            where = f"step {step}, epoch {epoch}, {clock} of {time.strftime('%H:%M:%S', time.gmtime(self.max_seconds))}"
+        else:
+            where = f"step {step} of {self.total_steps}, epoch {epoch}, {clock} elapsed"
+        print(f"{where}: valid loss {valid_loss:.4f} ({figure})", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a user installs is what runs: in clean virtual environments,
 # 1. `pip install .` alone (no extras), at the lowest versions pyproject.toml admits for each
-#    dependency but torch (2.13.0), runs train, eval, generate and score on a small slice of text;
+#    dependency but torch (2.13.0, the one build on this disk), runs train, eval, generate and
+#    score on a small slice of text, with a character and a BPE model;
 # 2. each extra, installed on top of that plain install by itself, imports its modules.
 # Run by .ci/run; by hand: bash scripts/check-install.sh
 set -euo pipefail
@@ -56,10 +57,27 @@ run="$work/run"
   "$nlm" generate "$run" --prompt "ROMEO:" --max-tokens 40 --seed 1
   "$nlm" score "$run" --text "ROMEO: hi" --json > /dev/null
   "$nlm" data list > /dev/null
+  # Byte-level BPE (tokenizers' DecodeStream streams its output) and the progress bar (tqdm).
+  "$nlm" train ptb-small --out "$work/bpe" --max-steps 2 --no-progress --data.corpus="$corpus" \
+    --data.tokenizer=bpe --data.bpe_vocab_size=300 --model.hidden_size=16 --model.emb_size=16 \
+    --train.batch_size=4 --train.bptt=16 --train.eval_batch_size=2
+  "$nlm" generate "$work/bpe" --prompt "First" --max-tokens 20 --seed 1
+  "$py" -c "
+import io
+from neurallm.progress import RunProgress
+class Terminal(io.StringIO):
+    def isatty(self): return True
+bar = RunProgress(100, 60.0, 0, 0.0, stream=Terminal())
+bar.update(10, 30.0, 1, 2.0, 1000.0)
+bar.close()
+assert bar.mode == 'time' and '30/60 s' in bar.stream.getvalue()
+"
 )
 
 echo "== each extra on its own"
-extras=$("$py" -c "import tomllib; print(' '.join(tomllib.load(open('$root/pyproject.toml', 'rb'))['project']['optional-dependencies']))")
+cd "$work"  # import what is installed, not the source tree
+extras=$("$py" -c "import sys, tomllib; print(' '.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']))" \
+  "$root/pyproject.toml")
 for extra in $extras; do
   cp -a "$work/plain" "$work/extra-$extra"  # the plain install, then this extra alone
   xpy="$work/extra-$extra/bin/python"
@@ -82,7 +100,8 @@ for dist, names in modules.items():
 print(f"extra {extra}: imported {', '.join(sorted(n for ns in modules.values() for n in ns))}")
 EOF
   if [ "$extra" = plots ]; then  # and what the extra is for works
-    "$xpy" -c "from neurallm.plots import training_curves; assert training_curves('$run/metrics.jsonl', '$work/c.png')"
+    "$xpy" -c "import sys; from neurallm.plots import training_curves; assert training_curves(*sys.argv[1:])" \
+      "$run/metrics.jsonl" "$work/curves.png"
   fi
   rm -rf "$work/extra-$extra"
 done

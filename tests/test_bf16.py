@@ -1,5 +1,6 @@
 """bfloat16 autocast, the default on CUDA, run on the CPU: training and scoring with a full and an
-adaptive softmax, so the GPU is not the first place this path runs."""
+adaptive softmax, so the GPU is not the first place this path runs. (On a CPU without bf16
+kernels the recurrence itself runs in fp32: see Layer.forward.)"""
 
 import math
 
@@ -24,9 +25,11 @@ def test_bf16_training_runs_and_learns(word_corpus, tmp_path, softmax):
                                          "--model.tie_weights=false", *softmax])
     result = train(r, tmp_path / "run", show_progress=False)
     assert result["steps"] == 30 and math.isfinite(result["valid_loss"])
-    assert result["valid_loss"] < math.log(result["valid_perplexity"]) + 1e-6  # consistent figures
-    assert result["train_loss"] < math.log(r.model.vocab_size or 1000)  # below a uniform guess over the vocabulary
-    model, _, _ = checkpoint.load(tmp_path / "run")
+    losses = [rec["train_loss"] for rec in checkpoint.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+              if "train_loss" in rec]
+    model, _, tok = checkpoint.load(tmp_path / "run")
+    assert losses[0] > math.log(tok.vocab_size) - 0.5  # starts near a uniform guess ...
+    assert losses[-1] < losses[0] - 1.0 and result["valid_loss"] < math.log(tok.vocab_size) - 1.0  # ... and learns
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from neurallm.cli import main
 
-from conftest import TINY, last_json
+from conftest import TINY, last_json, need
 
 
 def test_train_json_summary(char_corpus, tmp_path, capsys):
@@ -83,8 +83,8 @@ def test_word_generate_and_data_verbs(word_run, capsys):
     assert capsys.readouterr().out.startswith("the company ")
     assert main(["data", "list"]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert [line.split()[:2] for line in listing] == [["ptb", "found"], ["tinyshakespeare", "found"],
-                                                      ["wikitext-2", "found"]]
+    found = {name: "found" if need(name).is_dir() else "missing" for name in ("ptb", "tinyshakespeare", "wikitext-2")}
+    assert [line.split()[:2] for line in listing] == [[name, state] for name, state in sorted(found.items())]
     assert main(["data", "info", "ptb"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["files"]["ptb.train.txt"]["sha256"].startswith("fcea919f")
@@ -174,3 +174,5 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(char_run,
     monkeypatch.setenv("NLM_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(["eval", str(char_run)])
+    monkeypatch.setenv("NLM_DEBUG", "0")
+    assert main(["eval", str(char_run)]) == 1

@@ -16,9 +16,16 @@ def losses(out):
             if "train_loss" in r]
 
 
+def valid_losses(out):
+    return [r["valid_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "valid_loss" in r]
+
+
 def test_two_processes_match_one(word_corpus, tmp_path):
+    # One validation row for two processes: rank 1 validates nothing and still gets the figure.
     args = ["train", "ptb-small", "--max-steps", "6", "--no-progress", f"--data.corpus={word_corpus}", *TINY,
-            "--train.batch_size=8", "--model.dropout=0", "--model.dropout_input=0", "--model.dropout_hidden=0"]
+            "--train.batch_size=8", "--train.eval_batch_size=1", "--model.dropout=0", "--model.dropout_input=0",
+            "--model.dropout_hidden=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "neurallm", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)
@@ -32,6 +39,8 @@ def test_two_processes_match_one(word_corpus, tmp_path):
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-5 * abs(a), (one, two)
+    v1, v2 = valid_losses(tmp_path / "one"), valid_losses(tmp_path / "two")
+    assert len(v1) == len(v2) == 1 and abs(v1[0] - v2[0]) < 1e-5 * v1[0]
     state = json.loads((tmp_path / "two" / "resume" / "state.json").read_text())
     assert state["world"] == 2
     w1 = load_file(str(tmp_path / "one" / "resume" / "tensors.safetensors"))
@@ -41,11 +50,6 @@ def test_two_processes_match_one(word_corpus, tmp_path):
             torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4)
     assert w2["hidden"].shape == w1["hidden"].shape  # both halves of the batch were gathered
     assert not torch.equal(w2["rng.0"], w2["rng.1"])  # each process draws its own dropout masks
-
-
-def valid_losses(out):
-    return [r["valid_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "valid_loss" in r]
 
 
 # Run under torchrun: counts who trains a tokenizer, and can make one rank fail on its own.

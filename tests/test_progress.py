@@ -66,3 +66,23 @@ def test_training_off_a_terminal_prints_validation_lines(word_corpus, tmp_path, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("step ") and "of 30, epoch 1" in lines[0]
     assert lines[1].startswith("step 30 of 30, epoch 2") and "perplexity" in lines[1]
+
+
+def test_off_a_terminal_a_time_bounded_run_counts_against_the_time():
+    pipe = io.StringIO()
+    bar = RunProgress(total_steps=3690, max_seconds=120.0, start_step=0, start_elapsed=0.0, stream=pipe)
+    bar.update(step=230, elapsed=60.0, epoch=1, train_loss=2.5, tokens_per_s=8000)  # 3,690 steps would take 16 min
+    bar.validated(step=460, epoch=1, elapsed=120.0, valid_loss=2.0, char_level=False)
+    assert pipe.getvalue() == "step 460, epoch 1, 00:02:00 of 00:02:00: valid loss 2.0000 (perplexity 7.39)\n"
+
+
+def test_a_pace_near_the_line_does_not_flip_the_bar():
+    term = Terminal()
+    bar = RunProgress(total_steps=1000, max_seconds=100.0, start_step=0, start_elapsed=0.0, stream=term)
+    bar.update(step=100, elapsed=9.8, epoch=1, train_loss=2.0, tokens_per_s=1)  # projected end 98 s: steps
+    assert bar.mode == "steps"
+    bar.update(step=200, elapsed=20.2, epoch=1, train_loss=2.0, tokens_per_s=1)  # 101 s: within 5%, kept
+    assert bar.mode == "steps"
+    bar.update(step=300, elapsed=33.0, epoch=1, train_loss=2.0, tokens_per_s=1)  # 110 s: the time bound binds
+    assert bar.mode == "time"
+    bar.close()

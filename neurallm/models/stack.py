@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from neurallm import runtime
 from neurallm.models import cells
 
 FUSED = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
@@ -83,9 +84,9 @@ class Layer(nn.Module):
             call = lambda *args: functional_call(self.rnn, dropped, args)  # noqa: E731
         else:
             call = self.rnn
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # oneDNN has no bf16 recurrent kernel on CPUs without bf16 instructions ("could not create
-            # a primitive descriptor"): the recurrence runs in fp32, the layers around it in bf16.
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not runtime.cpu_bf16_kernels():
+            # oneDNN has no bf16 recurrent kernel on CPUs without bf16 instructions: the
+            # recurrence runs in fp32 there, the layers around it in bf16.
             with torch.autocast("cpu", enabled=False):
                 return self._fused(call, x.float(), state.float())
         return self._fused(call, x, state)

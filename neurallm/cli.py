@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (nlm ... | head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
         return 141
-    except Exception as e:  # a bug or an environment problem, not bad input: one line, the details on request
-        if debug:
+    except BaseException as e:  # a bug or an environment problem, not bad input: one line, the details on request
+        # (BaseException: a Rust library's panic arrives as pyo3's PanicException, which is not an Exception)
+        if debug or isinstance(e, (SystemExit, GeneratorExit)):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"nlm: internal error: {type(e).__name__}: {message} (in {_where(e)}; "

@@ -140,6 +140,7 @@ class Trainer:
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         self.show_progress = show_progress and self.rank == 0
+        self.bar = RunProgress(0, 0.0, 0, 0.0, enabled=False)  # fit() makes the run's own
         self._on_rank0(lambda: self._claim(resume))
         tokenizer = None
         if resume:

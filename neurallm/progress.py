@@ -51,8 +51,9 @@ class RunProgress:
         self.mode = mode
         if mode == "time":
             fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
-            self.bar = tqdm(total=self.max_seconds, initial=elapsed, file=self.stream, dynamic_ncols=True,
-                            leave=False, bar_format=fmt)
+            # n never passes the total: tqdm then drops the total, which this format needs
+            self.bar = tqdm(total=self.max_seconds, initial=min(elapsed, self.max_seconds), file=self.stream,
+                            dynamic_ncols=True, leave=False, bar_format=fmt)
         else:
             self.bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream,
                             dynamic_ncols=True, leave=False)

@@ -86,3 +86,12 @@ def test_a_pace_near_the_line_does_not_flip_the_bar():
     bar.update(step=300, elapsed=33.0, epoch=1, train_loss=2.0, tokens_per_s=1)  # 110 s: the time bound binds
     assert bar.mode == "time"
     bar.close()
+
+
+def test_a_time_bar_opened_after_the_time_is_spent():
+    """The last log line of a run stopped by the clock comes just past the bound."""
+    term = Terminal()
+    bar = RunProgress(total_steps=100000, max_seconds=18.0, start_step=0, start_elapsed=0.0, stream=term)
+    bar.update(step=900, elapsed=18.7, epoch=1, train_loss=2.5, tokens_per_s=8000)
+    assert bar.mode == "time" and bar.bar.n == 18.0 and "18/18 s" in term.getvalue()
+    bar.close()

@@ -83,8 +83,7 @@ def cmd_eval(args, _) -> int:
     model, recipe, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
     ids, counts, source = _tokens_of(args, tokenizer, recipe)
     if not ids:
-        raise NlmError(f"{source}: no tokens to evaluate" +
-                       (f" (all {counts['skipped']} characters are outside the vocabulary)" if counts.get("skipped") else ""))
+        raise NlmError(f"{source}: no tokens to evaluate")
     result = {**evaluate(model, tokenizer, ids, batch_size=args.batch_size, bptt=args.bptt), **counts}
     result["source"] = source
     metric = (f"bpc {result['bpc']:.4f}" if "bpc" in result else f"perplexity {result['perplexity']:.2f}")

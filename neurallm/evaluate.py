@@ -68,6 +68,8 @@ def encode(tokenizer, text: str, source: str = "text", unknown: str = "error") -
         return ids, {"unknown": unknown_count, "unknown_rate": unknown_count / max(len(ids), 1)}
     if unknown == "skip":
         kept = "".join(c for c in text if c in tokenizer.index)
+        if not kept:
+            raise NlmError(f"{source}: nothing to score (all {len(text)} characters are outside the vocabulary)")
         return tokenizer.encode(kept, source=source), {"skipped": len(text) - len(kept)}
     try:
         return tokenizer.encode(text, source=source), {"skipped": 0}
@@ -93,8 +95,7 @@ def score(model, tokenizer, text: str, bptt: int = 70, source: str = "text", unk
     """Log-probability of each token of ``text`` (natural log), and the total."""
     ids, counts = encode(tokenizer, text, source, unknown)
     if not ids:
-        raise NlmError(f"{source}: no tokens to score" +
-                       (f" (all {counts['skipped']} characters are outside the vocabulary)" if counts.get("skipped") else ""))
+        raise NlmError(f"{source}: no tokens to score")
     logprobs = (-token_nll(model, with_boundary(tokenizer, ids), 1, bptt)[0]).tolist()
     tokens = [{"token": tokenizer.token(i), "logprob": lp} for i, lp in zip(ids, logprobs)]
     total = sum(logprobs)

@@ -70,7 +70,7 @@ def test_eval_and_score_skip_exactly_the_unknown_characters(char_run, tmp_path, 
     scored = last_json(capsys)
     assert scored["skipped"] == 1 and [t["token"] for t in scored["tokens"]] == list("Oh y")
     assert main(["score", str(char_run), "--text", "✓✓", "--unknown", "skip"]) == 2
-    assert "no tokens to score (all 2 characters are outside the vocabulary)" in capsys.readouterr().err
+    assert "--text: nothing to score (all 2 characters are outside the vocabulary)" in capsys.readouterr().err
 
 
 def test_word_eval_reports_unknown_words(word_run, tmp_path, capsys):

@@ -15,11 +15,12 @@ import time
 
 
 def binding_bound(step: int, total_steps: int, elapsed: float, max_seconds: float,
-                  seconds_per_step: float | None) -> str:
+                  seconds_per_step: float | None, current: str | None = None) -> str:
     """``"time"`` when the time bound will stop the run before ``total_steps``, else ``"steps"``.
 
     ``seconds_per_step``: the pace measured so far (None before any step: a time bound then
-    binds only if it is already spent).
+    binds only if it is already spent). ``current``: the bound shown so far, kept while the
+    projected end lies within 5% of the time bound, so a pace near the line does not flip it.
     """
     if not max_seconds:
         return "steps"
@@ -27,7 +28,10 @@ def binding_bound(step: int, total_steps: int, elapsed: float, max_seconds: floa
         return "time"
     if seconds_per_step is None:
         return "steps"
-    return "time" if elapsed + (total_steps - step) * seconds_per_step > max_seconds else "steps"
+    projected = elapsed + (total_steps - step) * seconds_per_step
+    if current is not None and abs(projected - max_seconds) < 0.05 * max_seconds:
+        return current
+    return "time" if projected > max_seconds else "steps"
 
 
 class RunProgress:
@@ -59,16 +63,9 @@ class RunProgress:
                             dynamic_ncols=True, leave=False)
 
     def _bound(self, step: int, elapsed: float) -> str:
-        """The binding bound, kept unless the pace moves the projected end 5% past the other way,
-        so a run whose pace hovers near the line does not flip its bar at every interval."""
         done = step - self.start_step
         pace = (elapsed - self.start_elapsed) / done if done > 0 else None
-        mode = binding_bound(step, self.total_steps, elapsed, self.max_seconds, pace)
-        if self.mode is not None and mode != self.mode and pace is not None and elapsed < self.max_seconds:
-            projected = elapsed + (self.total_steps - step) * pace
-            if abs(projected - self.max_seconds) < 0.05 * self.max_seconds:
-                return self.mode
-        return mode
+        return binding_bound(step, self.total_steps, elapsed, self.max_seconds, pace, current=self.mode)
 
     def update(self, step: int, elapsed: float, epoch: int, train_loss: float, tokens_per_s: float) -> None:
         """After each logged training interval."""

@@ -361,10 +361,11 @@ class Trainer:
     def validate(self) -> None:
         """Validation loss; saves the weights as the run's checkpoint when they are the best so far."""
         p = self.progress
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll sum, tokens
+        nll_sum, tokens = 0.0, 0  # a process with no validation rows adds nothing
         if self.valid_rows.size(0):
             nll = rows_nll(self.model, self.valid_rows, self.cfg.bptt)
-            total += torch.tensor([nll.double().sum().item(), nll.numel()], dtype=torch.float64, device=self.device)
+            nll_sum, tokens = nll.double().sum().item(), nll.numel()
+        total = torch.tensor([nll_sum, tokens], dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(total)  # every process then holds the same figure, bit for bit
         p.valid_loss = (total[0] / total[1]).item()

@@ -93,22 +93,62 @@ def cmd_eval(args, _) -> int:
 
 
 def cmd_generate(args, _) -> int:
-    import torch
+    from neurallm.generate import Sampling
+    from neurallm.inference import Loaded
 
-    from neurallm import checkpoint
-    from neurallm.generate import Sampling, generate
-
-    model, _, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    rng = torch.Generator().manual_seed(args.seed)
-    prompt = [tokenizer.boundary] + tokenizer.encode(args.prompt, source="--prompt")
-    write = tokenizer.stream(after=args.prompt)
-    sys.stdout.write(args.prompt)
-    for token in generate(model, prompt, args.max_tokens, sampling, rng):
-        sys.stdout.write(write(token))
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    if args.bench:
+        from neurallm.bench import bench_generate
+
+        result = bench_generate(args.checkpoint, args.prompt, args.max_tokens, sampling, args.batch, args.seed,
+                                device=args.device)
+        _emit(result, args.json, [
+            f"{result['model']}, batch {result['batch']}: first token in {result['first_token_ms']:.1f} ms, then "
+            f"{result['tokens_per_s']:.0f} tokens/s ({result['tokens_per_s_per_stream']:.0f} per stream); "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB"])
+        return 0
+    if args.batch != 1:
+        raise NlmError("--batch goes with --bench (generate streams one text)")
+    lm = Loaded.open(args.checkpoint, device=args.device, slots=1)
+    if args.state:
+        context, tokens = lm.load_state(args.state)
+        shown = lm.tokenizer.decode(tokens[-20:])
+    else:
+        context, tokens, shown = lm.start(), [lm.tokenizer.boundary], ""
+    prompt = lm.encode(args.prompt, "--prompt")
+    context = lm.engine.prefill(prompt, context)
+    tokens += prompt
+    write = lm.tokenizer.stream(after=shown + args.prompt)
+    stream = lm.engine.submit(context, args.max_tokens, sampling, seed=args.seed)
+    pieces = [args.prompt]
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    for event in lm.engine.run(stream):
+        tokens.append(event.token)
+        pieces.append(write(event.token))
+        if not args.json:
+            sys.stdout.write(pieces[-1])
+            sys.stdout.flush()
+    if args.save_state:
+        lm.save_state(args.save_state, stream.context, tokens)
+    if args.json:
+        _emit({"text": "".join(pieces), "generated": stream.generated, "tokens_behind": stream.context.length,
+               "state": args.save_state}, True, [])
+    else:
+        sys.stdout.write("\n")
     return 0
+
+
+def cmd_chat(args, _) -> int:
+    from neurallm.chat import Conversation, run
+    from neurallm.generate import Sampling
+    from neurallm.inference import Loaded
+
+    lm = Loaded.open(args.checkpoint, device=args.device, slots=1)
+    conversation = Conversation(lm, Sampling(args.temperature, args.top_k, args.top_p), args.max_tokens, args.seed)
+    if args.state:
+        conversation.load(args.state)
+    return run(conversation, show_stats=args.stats)
 
 
 def cmd_score(args, _) -> int:
@@ -204,7 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", metavar="FILE", help="continue from a state file (the prompt follows its text)")
+    p.add_argument("--save-state", metavar="FILE", help="write the state after the prompt and the generated text")
+    p.add_argument("--bench", action="store_true",
+                   help="measure: time to first token, tokens/s after it, peak memory (no text is printed)")
+    p.add_argument("--batch", type=positive, default=1, help="with --bench: streams decoded together")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
     p.set_defaults(func=cmd_generate)
+
+    p = verb("chat", help="an interactive conversation in the terminal, the state carried from turn to turn")
+    _add_model_args(p)
+    p.add_argument("--max-tokens", type=positive, default=300, help="the longest reply")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", metavar="FILE", help="continue a conversation saved with /save")
+    p.add_argument("--stats", action="store_true", help="after each reply, its speed")
+    p.set_defaults(func=cmd_chat)
 
     p = verb("score", help="log-probability of each token of a text")
     _add_model_args(p)

@@ -1,6 +1,6 @@
 """Typed, frozen configuration: a recipe file plus dotted overrides.
 
-A recipe is a TOML file with the sections [data], [model] and [train]; every key
+A recipe is a TOML file with the sections [data], [model], [train] and [chat]; every key
 maps to a field of the dataclass below, which owns its default and checks its
 value in ``__post_init__``. ``--model.hidden_size=650`` overrides one field.
 """
@@ -124,16 +124,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ChatConfig:
+    """How turns are written into the token stream, for ``nlm chat`` and /v1/chat/completions:
+    ``user`` + message + ``turn_end`` for each user turn, then ``assistant``, and the model's
+    reply ends where it writes ``turn_end``. The default is plain text, one turn per line."""
+
+    user: str = ""
+    assistant: str = ""
+    turn_end: str = "\n"
+
+    def __post_init__(self):
+        _check(self.turn_end != "", "chat.turn_end", self.turn_end, "a non-empty string: where a reply ends")
+
+
+@dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "chat": ChatConfig}
 
 
 def _coerce(section: str, key: str, value, cls):
@@ -173,7 +188,7 @@ def _coerce(section: str, key: str, value, cls):
 def build(sections: dict, source: str = "recipe") -> Recipe:
     """Make a Recipe from ``{"model": {"hidden_size": 650}, ...}``, naming any unknown key."""
     if not isinstance(sections, dict):
-        raise NlmError(f"{source}: expected a table of sections [data], [model], [train]")
+        raise NlmError(f"{source}: expected a table of sections [data], [model], [train], [chat]")
     parts = {}
     for section, values in sections.items():
         if section not in SECTIONS:

@@ -151,6 +151,20 @@ def cmd_chat(args, _) -> int:
     return run(conversation, show_stats=args.stats)
 
 
+def cmd_serve(args, _) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise NlmError("nlm serve needs the serve extra: pip install 'neurallm[serve]'") from None
+    from neurallm.serve.app import Limits, serve
+
+    limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                    queue_size=args.queue_size, max_sessions=args.max_sessions)
+    return serve(args.checkpoints, args.host, args.port, args.api_key or os.environ.get("NLM_API_KEY") or None,
+                 args.device, args.slots, limits, args.shutdown_grace)
+
+
 def cmd_score(args, _) -> int:
     from neurallm import checkpoint
     from neurallm.data import corpora
@@ -262,6 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", metavar="FILE", help="continue a conversation saved with /save")
     p.add_argument("--stats", action="store_true", help="after each reply, its speed")
     p.set_defaults(func=cmd_chat)
+
+    p = verb("serve", help="an OpenAI-compatible HTTP API and a chat page (needs the serve extra)")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories; each is a model named after its folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but the page "
+                                     "(or set NLM_API_KEY)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--slots", type=positive, default=32, help="streams decoded together per model")
+    p.add_argument("--queue-size", type=positive, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--max-tokens-limit", type=positive, default=4096, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-prompt-tokens", type=positive, default=16384)
+    p.add_argument("--max-sessions", type=positive, default=100_000)
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds requests in flight get to finish on SIGTERM before they are cancelled")
+    p.set_defaults(func=cmd_serve)
 
     p = verb("score", help="log-probability of each token of a text")
     _add_model_args(p)

@@ -75,7 +75,9 @@ class Conversation:
 
     def load(self, path) -> None:
         self.context, self.tokens = self.lm.load_state(path)
-        self.open_turn, self.turns = False, 0
+        # A text that does not end a turn (a reply cut short, a state from nlm generate) gets its turn end first.
+        tail = self.lm.tokenizer.decode(self.tokens[-8:])
+        self.open_turn, self.turns = len(self.tokens) > 1 and not tail.endswith(self.lm.chat.turn_end), 0
 
     def set(self, assignments: list[str]) -> None:
         changes = {}

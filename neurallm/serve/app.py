@@ -164,7 +164,10 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
         nonlocal scheduler
         scheduler = Scheduler(models, queue_size=limits.queue_size)
         yield
+        in_flight = scheduler.active() + scheduler.queue_depth()
         await asyncio.to_thread(scheduler.close, shutdown_grace_s)
+        print(f"nlm serve: stopped ({in_flight} requests in flight at shutdown; "
+              f"{scheduler.stats['cancelled']} cancelled in all)", flush=True)
 
     app = FastAPI(title="neurallm", lifespan=lifespan, docs_url=None, redoc_url=None)
 

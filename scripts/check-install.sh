@@ -56,6 +56,15 @@ run="$work/run"
   "$nlm" eval "$run" --split test --json
   "$nlm" generate "$run" --prompt "ROMEO:" --max-tokens 40 --seed 1
   "$nlm" score "$run" --text "ROMEO: hi" --json > /dev/null
+  # The decoding engine: state files, the speed report, a chat fed from a pipe.
+  "$nlm" generate "$run" --prompt "ROMEO:" --max-tokens 10 --save-state "$work/s.safetensors" > /dev/null
+  "$nlm" generate "$run" --state "$work/s.safetensors" --max-tokens 10 > /dev/null
+  "$nlm" generate "$run" --bench --batch 4 --max-tokens 10 --json
+  chat=$(printf 'good citizens\n/stats\n/quit\n' | "$nlm" chat "$run" --max-tokens 20)
+  grep -q "tokens behind the state" <<< "$chat"
+  # Without the serve extra, nlm serve says what to install.
+  if "$nlm" serve "$run" 2> "$work/serve.err"; then exit 1; fi
+  grep -q "pip install 'neurallm\[serve\]'" "$work/serve.err"
   "$nlm" data list > /dev/null
   # Byte-level BPE (tokenizers' DecodeStream streams its output) and the progress bar (tqdm).
   "$nlm" train ptb-small --out "$work/bpe" --max-steps 2 --no-progress --data.corpus="$corpus" \
@@ -102,6 +111,16 @@ EOF
   if [ "$extra" = plots ]; then  # and what the extra is for works
     "$xpy" -c "import sys; from neurallm.plots import training_curves; assert training_curves(*sys.argv[1:])" \
       "$run/metrics.jsonl" "$work/curves.png"
+  fi
+  if [ "$extra" = serve ]; then
+    port=$("$xpy" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    "$xpy" -m neurallm serve "$run" --port "$port" & server=$!  # (a copied venv's scripts point at the original)
+    for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 0.2; done
+    reply=$(curl -sf "http://127.0.0.1:$port/v1/chat/completions" \
+      -d '{"model": "run", "messages": [{"role": "user", "content": "good citizens"}], "max_tokens": 5}')
+    page=$(curl -sf "http://127.0.0.1:$port/")
+    grep -q '"chat.completion"' <<< "$reply" && grep -q "<html" <<< "$page"
+    kill -TERM "$server"; wait "$server" || true
   fi
   rm -rf "$work/extra-$extra"
 done

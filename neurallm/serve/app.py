@@ -392,6 +392,8 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
         if not body.messages:
             raise ApiError(422, "messages: at least one message", param="messages")
         sampling, max_tokens = sampling_of(body)
+        for i, message in enumerate(body.messages):  # an unknown character is named in its own message
+            encode(lm, message.content, f"messages[{i}].content")
         text = lm.chat_text([m.model_dump() for m in body.messages])
         start, ids, full, cached, session = prepare(body, lm, text, "messages", chat=True)
         logprobs = (body.top_logprobs or 0) if body.logprobs else -1

@@ -162,7 +162,7 @@ def cmd_serve(args, _) -> int:
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     queue_size=args.queue_size, max_sessions=args.max_sessions)
     return serve(args.checkpoints, args.host, args.port, args.api_key or os.environ.get("NLM_API_KEY") or None,
-                 args.device, args.slots, limits, args.shutdown_grace)
+                 args.device, args.slots, limits, args.shutdown_grace, args.threads)
 
 
 def cmd_score(args, _) -> int:
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(or set NLM_API_KEY)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--slots", type=positive, default=32, help="streams decoded together per model")
+    p.add_argument("--threads", type=positive, help="threads of the decoding step (default: half the cores)")
     p.add_argument("--queue-size", type=positive, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--max-tokens-limit", type=positive, default=4096, help="the largest max_tokens a request may ask")
     p.add_argument("--max-prompt-tokens", type=positive, default=16384)

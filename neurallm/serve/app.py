@@ -282,8 +282,9 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
     async def run_jobs(request: Request, lm: Loaded, start: Context, prompt: list[int], max_tokens: int,
                        sampling: Sampling, body: Common, stops: list[str], logprobs: int, after: str):
         loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
         jobs = [Job(lm, start, prompt, max_tokens, sampling, None if body.seed is None else body.seed + i, stops,
-                    logprobs, after, loop, asyncio.Queue()) for i in range(body.n)]
+                    logprobs, after, i, loop, queue) for i in range(body.n)]
         try:
             scheduler.submit(jobs)
         except QueueFull as e:
@@ -292,36 +293,30 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
         return jobs
 
     async def events(request: Request, jobs: list[Job]):
-        """(choice index, Piece) as they come, then (index, None) when a choice ends. A client that
+        """Lists of (choice index, Piece) as they come, (index, None) when a choice ends. A client that
         goes away cancels its jobs (their slots free at the next step)."""
-        merged: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i, job):
-            while True:
-                item = await job.events.get()
-                await merged.put((i, item))
-                if item is None:
-                    return
+        async def watch():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            for job in jobs:
+                scheduler.cancel(job)
 
-        pumps = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        watcher = asyncio.create_task(watch())
         left = len(jobs)
+        queue = jobs[0].events  # one queue for all of a request's choices
         try:
             while left:
-                try:
-                    i, item = await asyncio.wait_for(merged.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if item is None:
-                    left -= 1
-                yield i, item
+                batch = [await queue.get()]
+                while not queue.empty():  # what else has come meanwhile: sent together when streaming
+                    batch.append(queue.get_nowait())
+                left -= sum(item is None for _, item in batch)
+                yield batch
         finally:
+            watcher.cancel()
             for job in jobs:
                 if not job.reason:
                     scheduler.cancel(job)
-            for task in pumps:
-                task.cancel()
 
     def usage(jobs: list[Job], prompt_tokens: int, cached: int) -> dict:
         completion = sum(len(j.tokens) for j in jobs)
@@ -428,11 +423,12 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, lps = [[] for _ in jobs], [[] for _ in jobs]
         try:
-            async for i, item in events(request, jobs):
-                if isinstance(item, Piece):
-                    texts[i].append(item.text)
-                    if item.token >= 0 and jobs[i].logprobs >= 0:
-                        lps[i].append(item)
+            async for batch in events(request, jobs):
+                for i, item in batch:
+                    if isinstance(item, Piece):
+                        texts[i].append(item.text)
+                        if item.token >= 0 and jobs[i].logprobs >= 0:
+                            lps[i].append(item)
         finally:
             wrap_up()
         check_errors(jobs)
@@ -464,30 +460,50 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
                                   "finish_reason": None}])
                 elif echo:
                     yield chunk([{"index": i, "text": shown, "logprobs": None, "finish_reason": None}])
-            async for i, item in events(request, jobs):
-                job = jobs[i]
-                if item is None:
-                    if job.error:
-                        yield "data: " + json.dumps(error_body(f"decoding failed: {job.error}", "server_error")) \
-                              + "\n\n"
+            # Text is sent as it comes; under load, the tokens of a stream that arrived since the
+            # last write go out in one event (one write per stream per turn of the event loop).
+            head = json.dumps({"id": rid, "object": kind, "created": created, "model": lm.name})[:-1]
+            async for batch in events(request, jobs):
+                pending: dict[int, list[str]] = {}
+                for i, item in batch:
+                    job = jobs[i]
+                    if isinstance(item, Piece) and job.logprobs < 0:
+                        pending.setdefault(i, []).append(item.text)
                         continue
-                    end = {"index": i, "logprobs": None, "finish_reason": finish(job)}
-                    yield chunk([{**end, "delta": {}} if chat else {**end, "text": ""}])
-                    continue
-                lp = None
-                if job.logprobs >= 0 and item.token >= 0:
+                    if i in pending:
+                        yield text_event(head, chat, i, "".join(pending.pop(i)))
+                    if item is None:
+                        if job.error:
+                            yield "data: " + json.dumps(error_body(f"decoding failed: {job.error}",
+                                                                   "server_error")) + "\n\n"
+                            continue
+                        end = {"index": i, "logprobs": None, "finish_reason": finish(job)}
+                        yield chunk([{**end, "delta": {}} if chat else {**end, "text": ""}])
+                        continue
+                    if item.token < 0:  # the held-back tail of a text that ended without its stop string
+                        if item.text:
+                            yield text_event(head, chat, i, item.text)
+                        continue
                     lp = chat_logprobs(lm, [item]) if chat else completion_logprobs(lm, [item], 0)
-                if not item.text and lp is None:
-                    continue
-                if chat:
-                    yield chunk([{"index": i, "delta": {"content": item.text}, "logprobs": lp, "finish_reason": None}])
-                else:
-                    yield chunk([{"index": i, "text": item.text, "logprobs": lp, "finish_reason": None}])
+                    if chat:
+                        yield chunk([{"index": i, "delta": {"content": item.text}, "logprobs": lp,
+                                      "finish_reason": None}])
+                    else:
+                        yield chunk([{"index": i, "text": item.text, "logprobs": lp, "finish_reason": None}])
+                for i, pieces in pending.items():
+                    text = "".join(pieces)
+                    if text:
+                        yield text_event(head, chat, i, text)
             if include_usage:
                 yield chunk([], **usage(jobs, prompt_tokens, cached))
             yield "data: [DONE]\n\n"
         finally:
             wrap_up()
+
+    def text_event(head: str, chat: bool, index: int, text: str) -> str:
+        """A chunk with text only, written without building the whole object (it is most of the traffic)."""
+        body = ('"delta": {"content": %s}' if chat else '"text": %s') % json.dumps(text)
+        return f'data: {head}, "choices": [{{"index": {index}, {body}, "logprobs": null, "finish_reason": null}}]}}\n\n'
 
     def token_text(lm, token: int) -> str:
         return lm.tokenizer.token(token)
@@ -592,10 +608,20 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
     return app
 
 
+def decode_threads() -> int:
+    """Half the cores for the decoding step's own threads, the rest for HTTP (and clients on the same
+    machine). A decoding step is many small operations: with every core busy, OpenMP threads that
+    wait for each other made a step 20x slower here, where one thread was unaffected."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def serve(checkpoints: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "cpu", slots: int = 32, limits: Limits = Limits(), shutdown_grace_s: float = 10.0) -> int:
+          device: str = "cpu", slots: int = 32, limits: Limits = Limits(), shutdown_grace_s: float = 10.0,
+          threads: int | None = None) -> int:
+    import torch
     import uvicorn
 
+    torch.set_num_threads(threads or decode_threads())
     models: dict[str, Loaded] = {}
     for path in checkpoints:
         lm = Loaded.open(path, device=device, slots=slots)

@@ -39,8 +39,9 @@ class Job:
     stops: list[str]
     logprobs: int = -1
     after: str = ""  # the text already shown before the reply (word spacing)
+    index: int = 0  # which choice of its request
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
+    events: asyncio.Queue | None = None  # (index, Piece or None at the end), shared by a request's choices
     cancelled: bool = False
     # Filled in by the scheduler thread:
     tokens: list[int] = field(default_factory=list)
@@ -212,7 +213,7 @@ class Scheduler:
 
     def _send(self, job: Job, item) -> None:
         if job.loop is not None and not job.loop.is_closed():
-            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+            job.loop.call_soon_threadsafe(job.events.put_nowait, (job.index, item))
 
     def _send_many(self, batch: list[tuple[Job, Piece]]) -> None:
         """One hand-over to the event loop per step, for every job at once."""
@@ -224,4 +225,4 @@ class Scheduler:
 
 def _deliver(batch) -> None:
     for job, piece in batch:
-        job.events.put_nowait(piece)
+        job.events.put_nowait((job.index, piece))

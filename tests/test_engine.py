@@ -138,3 +138,20 @@ def test_an_adaptive_softmax_model_decodes():
     model = tiny(vocab_size=60, softmax="adaptive", adaptive_cutoffs=(10, 30))
     out = alone(model, [1, 2], 5, Sampling(top_k=5), 1)
     assert len(out) == 5 and all(0 <= t < 60 for t in out)
+
+
+def test_decoding_steps_follow_weights_changed_in_place():
+    """The single-step path keeps transposed copies of the weights; an update in place (an optimizer
+    step) must be seen by the next step."""
+    model = tiny()
+    ids = torch.tensor([[0, 3, 4]])
+    for _ in range(2):
+        with torch.no_grad():
+            steps, state = [], None
+            for t in range(3):
+                out, state = model(ids[:, t:t + 1], state)
+                steps.append(out)
+            whole, _ = model(ids)
+            torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-6)
+            for p in model.stack.parameters():
+                p.mul_(1.5)

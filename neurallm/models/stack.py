@@ -73,10 +73,12 @@ class Layer(nn.Module):
 
     def forward(self, x, state, reference: bool = False, weight_drop: float = 0.0):
         """x (batch, time, input), state (parts, dirs, batch, hidden) -> (batch, time, dirs * hidden), state."""
-        if reference or (x.size(1) == 1 and not self.training and x.device.type == "cpu"):
+        if reference:
+            return self._reference(x, state)
+        if x.size(1) == 1 and not self.training and x.device.type == "cpu":
             # A single decoding step on the CPU: oneDNN's fused RNN has a set-up cost per call
             # that outweighs one step's two small matmuls, so the written-out cell is faster.
-            return self._reference(x, state)
+            return self._reference(x, state, self._step_weights)
         if weight_drop and self.training:
             # DropConnect on the hidden-to-hidden weights, one mask per forward pass (Merity et al. 2017).
             dropped = {name: drop(w, weight_drop) for name, w in self.rnn.named_parameters()
@@ -98,10 +100,25 @@ class Layer(nn.Module):
         out, h = call(x, state[0].contiguous())
         return out, h.unsqueeze(0)
 
-    def _reference(self, x, state):
+    def _step_weights(self, direction: int) -> list[torch.Tensor]:
+        """The weights for single decoding steps: the same values, each matrix stored transposed.
+        ``x @ w.T`` with ``w.T`` contiguous runs a matrix-vector kernel about 3x faster for one row
+        than with torch's (gates, input) layout. Cached until the weights change (``_version``
+        counts in-place updates, such as an optimizer's)."""
+        weights = self.weights(direction)
+        key = [(w.data_ptr(), w._version) for w in weights]
+        cache = self.__dict__.setdefault("_step_cache", {})
+        if cache.get(direction, (None,))[0] != key:
+            with torch.no_grad():
+                prepared = [w.detach().t().contiguous().t() if w.dim() == 2 else w.detach() for w in weights]
+            cache[direction] = (key, prepared)
+        return cache[direction][1]
+
+    def _reference(self, x, state, weights=None):
+        weights = weights or self.weights
         outs, finals = [], []
         for d in range(self.directions):
-            out, final = cells.run(self.cell, x, state[:, d], self.weights(d), reverse=bool(d))
+            out, final = cells.run(self.cell, x, state[:, d], weights(d), reverse=bool(d))
             outs.append(out)
             finals.append(final)
         return torch.cat(outs, dim=2), torch.stack(finals, dim=1)

@@ -10,7 +10,7 @@ import torch
 
 from neurallm.errors import NlmError
 
-TOP_P_CANDIDATES = 1024  # top-p looks at this many best tokens first; the full sort only if they fall short
+CANDIDATES = 1024  # top-p alone looks at this many best tokens first; the full sort only if they fall short
 
 
 @dataclass(frozen=True)
@@ -54,58 +54,77 @@ def sample(logprobs: torch.Tensor, rng: torch.Generator, sampling: Sampling) -> 
 
 def choose(logits: torch.Tensor, settings: list[Sampling], rngs: list[torch.Generator]) -> torch.Tensor:
     """One id per row of ``logits`` (n, V): argmax where the temperature is 0, else a draw from
-    ``generate.distribution``'s rule (temperature, top-k, then top-p), all rows at once. A row
-    takes one uniform number from its own generator and inverts its cumulative distribution."""
+    ``distribution``'s rule (temperature, top-k, then top-p), all rows at once. A row takes one
+    uniform number from its own generator and inverts its cumulative distribution.
+
+    A row with a cut looks only at its best ``top_k`` tokens (or, for top-p alone, its best
+    ``CANDIDATES``), found with one ``topk`` for all rows, instead of sorting the vocabulary.
+    Where that window cannot decide exactly (a nucleus wider than the window, or equal values at
+    its edge) the row takes ``distribution``'s full sort. Which way a row goes depends on that row
+    alone, so its token does not depend on the other rows."""
     out = logits.argmax(-1)
     hot = [i for i, s in enumerate(settings) if s.temperature > 0]
     if not hot:
         return out
-    rows = logits[hot] if len(hot) < len(settings) else logits
+    u = torch.tensor([float(torch.rand((), generator=rngs[i], dtype=torch.float64)) for i in hot])
+    rows = logits[hot].float()
     hs = [settings[i] for i in hot]
     # float32: a temperature below 1e-30 acts as 1e-30 (already greedy for any real gap between logits)
     t = rows.new_tensor([max(s.temperature, 1e-30) for s in hs]).unsqueeze(1)
     x = (rows - rows.max(-1, keepdim=True).values) / t  # the best token stays at 0, even as t -> 0
     vocab = x.size(-1)
-    ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in hs]
-    if any(ks):
-        kth = x.topk(max(ks), -1).values  # (m, kmax), descending
-        cut = torch.stack([kth[r, k - 1] if k else x.new_tensor(float("-inf")) for r, k in enumerate(ks)])
-        keep = _first(x, cut, torch.tensor([k or vocab for k in ks]))
-        x = x.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(x, -1)
-    nucleus = [r for r, s in enumerate(hs) if s.top_p < 1]
-    if nucleus:
-        probs = _top_p(probs, nucleus, [hs[r].top_p for r in nucleus])
-    cdf = probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=rngs[i], dtype=torch.float64) for i in hot]).to(cdf.dtype)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_(max=vocab - 1)
-    out[hot] = drawn
+    windows = [(s.top_k if 0 < s.top_k < vocab else CANDIDATES if s.top_p < 1 else 0) for s in hs]
+    drawn = torch.empty(len(hot), dtype=torch.long)
+    plain = [r for r, w in enumerate(windows) if not w]
+    exact = []
+    cut = [r for r, w in enumerate(windows) if w]
+    if cut:
+        exact = _draw_in_windows(x[cut], [windows[r] for r in cut], [hs[r] for r in cut], u[cut], drawn, cut)
+    if plain:
+        cdf = torch.softmax(x[plain], -1).cumsum(-1)
+        drawn[plain] = _invert(cdf, u[plain])
+    for r in exact:  # the full sort, in float64
+        cdf = distribution(logits[hot[r]], hs[r]).cumsum(-1)
+        drawn[r] = _invert(cdf.unsqueeze(0), u[r:r + 1])[0]
+    out[hot] = drawn.to(out.device)
     return out
 
 
-def _top_p(probs: torch.Tensor, rows: list[int], ps: list[float]) -> torch.Tensor:
-    """Keep, in each listed row, the smallest set of most likely tokens whose mass reaches p."""
-    probs = probs.clone()
-    k = min(TOP_P_CANDIDATES, probs.size(-1))
-    for r, p in zip(rows, ps):
-        total = float(probs[r].sum())  # 1 up to rounding
-        best = probs[r].topk(k).values
-        mass = best.cumsum(0)
-        if mass[-1] < p * total and k < probs.size(-1):  # the nucleus is wider: sort it all
-            best = probs[r].sort(descending=True).values
-            mass = best.cumsum(0)
-        keep = int(((mass - best) < p * total).sum())  # the rule of distribution(): mass before < p
-        probs[r].masked_fill_(~_first(probs[r:r + 1], best[keep - 1:keep], torch.tensor([keep]))[0], 0.0)
-    return probs
+def _draw_in_windows(x, windows, settings, u, drawn, rows) -> list[int]:
+    """Draw for rows whose cut fits in their window of best tokens; -> the rows it could not decide."""
+    vocab = x.size(-1)
+    width = min(vocab, max(windows) + 1)  # one past the widest window: its edge must not be a tie
+    vals, ids = x.topk(width, -1)  # (m, width), descending
+    pos = torch.arange(width).unsqueeze(0)
+    w = torch.tensor(windows).unsqueeze(1)
+    in_window = pos < w
+    top_k = torch.tensor([0 < s.top_k < vocab for s in settings]).unsqueeze(1)
+    # Probabilities: over the window for top-k (the rest is cut), over the whole vocabulary otherwise.
+    norm = vals.masked_fill(~in_window, float("-inf")).logsumexp(-1)
+    whole = ~top_k.squeeze(1)
+    if whole.any():
+        norm[whole] = x[whole].logsumexp(-1)
+    probs = (vals - norm.unsqueeze(1)).exp().masked_fill(~in_window, 0.0)
+    top_p = torch.tensor([s.top_p for s in settings]).unsqueeze(1)
+    before = probs.cumsum(-1) - probs
+    keep = in_window & (before < top_p)  # the nucleus (all of the window when top_p is 1)
+    kept = keep.sum(-1)
+    edge = vals.gather(1, (kept - 1).unsqueeze(1)).squeeze(1)
+    after = vals.gather(1, kept.clamp(max=width - 1).unsqueeze(1)).squeeze(1)
+    tied = (kept < width) & (edge == after)
+    short = whole & (kept == w.squeeze(1)) & (w.squeeze(1) < vocab)  # the nucleus may go on past the window
+    undecided = tied | short
+    cdf = (probs * keep).cumsum(-1)
+    choice = ids.gather(1, _invert(cdf, u).unsqueeze(1)).squeeze(1)
+    rows = torch.tensor(rows)
+    drawn[rows[~undecided]] = choice[~undecided]
+    return rows[undecided].tolist()
 
 
-def _first(x: torch.Tensor, cut: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row of ``x`` (m, V): the ``k`` entries above ``cut`` (the row's k-th largest value), where
-    entries equal to the cut are taken in id order: exactly k survive, ties go to the lower ids."""
-    above = x > cut.unsqueeze(1)
-    at = x == cut.unsqueeze(1)
-    room = (k - above.sum(-1)).unsqueeze(1)
-    return above | (at & (at.cumsum(-1) <= room))
+def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row: the first position whose cumulative mass exceeds u times the row's total."""
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.size(-1) - 1)
 
 
 def generate(model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, rng: torch.Generator,

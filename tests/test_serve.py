@@ -199,6 +199,8 @@ def test_the_chat_page_is_served_and_the_api_lists_models(client):
     (json.dumps({"model": "MODEL", "prompt": "hi", "max_tokens": 10**6}).encode(), 400),
     (json.dumps({"model": "MODEL", "prompt": "hi", "max_tokens": "many"}).encode(), 422),
     (json.dumps({"model": "MODEL", "prompt": "hi", "temperature": "hot"}).encode(), 422),
+    (b'{"model": "MODEL", "prompt": "hi", "temperature": NaN}', 422),
+    (json.dumps({"model": "MODEL", "prompt": "hi", "n": 100}).encode(), 400),
     (json.dumps({"model": "MODEL"}).encode()[:-1] + b', "prompt": 5}', 422),
     (json.dumps({"model": "MODEL", "prompt": "a" * 500}).encode(), 413),  # over max_prompt_tokens
     (json.dumps({"model": "MODEL", "prompt": "a" * 30000}).encode(), 413),  # over max_body_bytes

@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from neurallm import runtime
 from neurallm.engine import Context
 from neurallm.errors import NlmError
 from neurallm.generate import Sampling
@@ -65,8 +66,8 @@ class Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(default=None)
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # Python's JSON reader takes NaN
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -160,10 +161,22 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
     caches = {name: PrefixCache() for name in models}
     started = time.time()
 
+    async def housekeeping():
+        """Every few seconds after some work: freed heap memory goes back to the OS."""
+        seen = None
+        while True:
+            await asyncio.sleep(5)
+            now = (scheduler.stats["requests"], len(sessions))
+            if now != seen:
+                seen = now
+                await asyncio.to_thread(runtime.release_free_memory)
+
     async def lifespan(app):
         nonlocal scheduler
         scheduler = Scheduler(models, queue_size=limits.queue_size)
+        keeper = asyncio.create_task(housekeeping())
         yield
+        keeper.cancel()
         in_flight = scheduler.active() + scheduler.queue_depth()
         await asyncio.to_thread(scheduler.close, shutdown_grace_s)
         print(f"nlm serve: stopped ({in_flight} requests in flight at shutdown; "
@@ -263,15 +276,18 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
 
     # ---- generation ----------------------------------------------------------------------------------
 
-    def sampling_of(body: Common) -> tuple[Sampling, int]:
+    def sampling_of(body: Common, default_max_tokens: int) -> tuple[Sampling, int]:
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        max_tokens = 16 if limit is None else limit
+        max_tokens = min(default_max_tokens, limits.max_tokens) if limit is None else limit
         if not 1 <= max_tokens <= limits.max_tokens:
             raise ApiError(400 if max_tokens > limits.max_tokens else 422,
                            f"max_tokens: {max_tokens} (expected 1 to {limits.max_tokens})", param="max_tokens")
         if body.n > limits.max_n:
             raise ApiError(400, f"n: {body.n} (at most {limits.max_n})", param="n")
-        return Sampling(body.temperature, body.top_k, body.top_p), max_tokens
+        try:
+            return Sampling(body.temperature, body.top_k, body.top_p), max_tokens
+        except NlmError as e:
+            raise ApiError(422, str(e), code="invalid_value") from None
 
     def stops_of(body: Common, extra: list[str]) -> list[str]:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -374,7 +390,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
         if not isinstance(body.prompt, str) and len(body.prompt) > 1:
             raise ApiError(400, "prompt: one prompt per request (or a list of one)", param="prompt")
-        sampling, max_tokens = sampling_of(body)
+        sampling, max_tokens = sampling_of(body, 16)  # OpenAI's default for completions
         start, ids, full, cached, session = prepare(body, lm, prompt, "prompt", chat=False)
         logprobs = -1 if body.logprobs is None else body.logprobs
         return await respond(request, body, lm, start, ids, full, cached, session, max_tokens, sampling,
@@ -386,7 +402,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
         lm = model_of(body.model)
         if not body.messages:
             raise ApiError(422, "messages: at least one message", param="messages")
-        sampling, max_tokens = sampling_of(body)
+        sampling, max_tokens = sampling_of(body, 512)  # a reply ends at the turn end well before, as a rule
         for i, message in enumerate(body.messages):  # an unknown character is named in its own message
             encode(lm, message.content, f"messages[{i}].content")
         text = lm.chat_text([m.model_dump() for m in body.messages])

@@ -75,7 +75,8 @@ def peak_rss_mb() -> float:
 def fresh(cmd: list[str]) -> str:
     """Run ``cmd`` as a grandchild through sh, so its ru_maxrss starts from sh's small size rather than
     from this process's (nlm generate --bench reports ru_maxrss); -> its stdout's last line."""
-    proc = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", *cmd], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", *cmd], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     return proc.stdout.strip().splitlines()[-1]
@@ -190,7 +191,7 @@ def ensure_checkpoint(path: str, command: list[str]) -> dict:
     waited = 0.0
     t0 = time.perf_counter()
     while True:
-        running = [p for p in subprocess.run(["pgrep", "-f", f"out {path}"], capture_output=True, text=True)
+        running = [p for p in subprocess.run(["pgrep", "-f", f"out {path}"], capture_output=True, text=True, check=False)
                    .stdout.split() if int(p) != os.getpid()]
         if not running:
             break
@@ -269,18 +270,32 @@ def measure_model(name: str, path: str, args) -> dict:
         ids, s = reference_decode(ref, boundary, n)
         runs["ref_b1"].append(len(ids) / s)
         for key, sampling in (("greedy_b32", greedy), ("hot_b32", hot), ("t1_b32", t1)):
-            produced, s = engine_run(many, start, n, 32, sampling, seed=100 * r)
+            produced, s = engine_run(many, start, args.tokens_batch32, 32, sampling, seed=100 * r)
             runs[key].append(produced / s)
-        ids, s = reference_decode(ref, boundary, n, batch=32)
+        ids, s = reference_decode(ref, boundary, args.tokens_batch32, batch=32)
         runs["ref_b32"].append(32 * len(ids) / s)
         loads.append(os.getloadavg()[0])
         print(f"{name} repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items())
               + f"; load {loads[-1]:.1f}", flush=True)
     med = {k: median(v) for k, v in runs.items()}
+    # Time to first token in this (warm) process: read a 25-token prompt, sample one token.
+    prompt = lm.encode(WORD_PROMPT, "prompt")
+    ours_ttft, ref_ttft = [], []
+    for r in range(5):
+        t0 = time.perf_counter()
+        engine_run(one, one.prefill(prompt, start), 1, 1, t1, seed=r)
+        ours_ttft.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, hidden = ref(torch.tensor([[boundary] + prompt[:-1]]))
+        reference_decode(ref, prompt[-1], 1, hidden=hidden)
+        ref_ttft.append(1000 * (time.perf_counter() - t0))
     return {
         "checkpoint": path, "model": {k: cfg["model"][k] for k in ("vocab_size", "emb_size", "hidden_size",
                                                                    "num_layers", "softmax", "tie_weights")},
         "reference_max_abs_logprob_diff": diff, "load_average_1min_per_repeat": loads,
+        "first_token_warm": {"prompt_tokens": len(prompt) + 1, "ours_ms": median(ours_ttft),
+                             "reference_ms": median(ref_ttft)},
         "batch1": {"ours_tokens_per_s": med["ours_b1"], "reference_tokens_per_s": med["ref_b1"],
                    "ratio_ours_over_reference": med["ours_b1"] / med["ref_b1"], "target_ratio": ">= 5",
                    "runs": {"ours": runs["ours_b1"], "reference": runs["ref_b1"]}},
@@ -295,7 +310,9 @@ def measure_model(name: str, path: str, args) -> dict:
 
 def first_token(name: str, path: str, prompt: str) -> dict:
     """nlm generate --bench --json and the reference child, each in a fresh process."""
-    from neurallm.inference import Loaded  # only for the prompt's ids (the reference child has no tokenizer)
+    from neurallm.inference import (
+        Loaded,  # only for the prompt's ids (the reference child has no tokenizer)
+    )
 
     cmd = ["nlm", "generate", path, "--bench", "--json", "--prompt", prompt, "--max-tokens", "300"]
     print("$", " ".join(cmd), flush=True)
@@ -310,45 +327,63 @@ def first_token(name: str, path: str, prompt: str) -> dict:
             "prompt_tokens": ours["prompt_tokens"]}
 
 
-def chat_cost(path: str, turns: int, max_tokens: int) -> dict:
+def chat_cost(path: str, turns: int, max_tokens: int, window: int = 30) -> dict:
+    """Two conversations on one engine: one taken to 10 turns, one to ``turns``; then ``window`` more
+    turns of each, alternating (so a burst of load on the machine hits both alike)."""
     from neurallm.chat import Conversation
     from neurallm.generate import Sampling
     from neurallm.inference import Loaded
 
     lm = Loaded.open(ROOT / path, slots=1)
-    conv = Conversation(lm, Sampling(0.8, 0, 0.95), max_tokens=max_tokens, seed=0)
-    window = 20
-    per_token, rows = [], []
-    t0 = time.perf_counter()
-    for turn in range(turns + window):
-        for _ in conv.reply(CHAT_MESSAGES[turn % len(CHAT_MESSAGES)]):
+    sampling = Sampling(0.8, 0, 0.95)
+    early = Conversation(lm, sampling, max_tokens=max_tokens, seed=0)
+    late = Conversation(lm, sampling, max_tokens=max_tokens, seed=0)
+
+    def turn(conv):
+        for _ in conv.reply(CHAT_MESSAGES[conv.turns % len(CHAT_MESSAGES)]):
             pass
-        s = conv.last
-        per_token.append(1e6 * s["seconds"] / (s["prompt_tokens"] + s["reply_tokens"]))
-        rows.append((conv.turns, conv.context.length))
-    total = time.perf_counter() - t0
+        return conv.last
 
-    def after(k):  # the `window` turns that follow turn k
-        part = per_token[k:k + window]
-        return {"turns": f"{k + 1}-{k + window}", "us_per_new_token_median": median(part),
-                "us_per_new_token_min": min(part), "us_per_new_token_max": max(part),
-                "tokens_behind_state": rows[k + window - 1][1]}
+    t0 = time.perf_counter()
+    for _ in range(turns):
+        turn(late)
+    build = time.perf_counter() - t0
+    for _ in range(10):
+        turn(early)
+    rows = {"early": [], "late": []}
+    for _ in range(window):
+        for name, conv in (("early", early), ("late", late)):
+            rows[name].append(turn(conv))
 
-    early, late = after(10), after(turns)
-    # What a turn would cost if each one re-read the whole conversation (a stateless server):
+    def figures(conv, stats, first_turn):
+        per_token = [1e6 * s["seconds"] / (s["prompt_tokens"] + s["reply_tokens"]) for s in stats]
+        return {"turns": f"{first_turn + 1}-{first_turn + len(stats)}",
+                "us_per_new_token_median": median(per_token), "us_per_new_token_min": min(per_token),
+                "us_per_new_token_max": max(per_token),
+                "first_token_ms_median": median([s["first_token_ms"] for s in stats]),
+                "generation_us_per_token_median": median([1e6 / s["tokens_per_s"] for s in stats if s["tokens_per_s"]]),
+                "prompt_tokens_median": median([s["prompt_tokens"] for s in stats]),
+                "reply_tokens_median": median([s["reply_tokens"] for s in stats]),
+                "tokens_behind_state_at_end": conv.context.length}
+
+    a, b = figures(early, rows["early"], 10), figures(late, rows["late"], turns)
+    # What a turn would cost if each one re-read the whole conversation (a decoder that keeps no
+    # state): one prefill of its last 10,000 tokens, scaled to the whole length (prefill is linear).
+    sample = late.tokens[-10_000:]
     t1 = time.perf_counter()
-    lm.engine.prefill(conv.tokens[1:], lm.start())
-    reread = time.perf_counter() - t1
+    lm.engine.prefill(sample, lm.start())
+    reread = (time.perf_counter() - t1) * (len(late.tokens) - 1) / len(sample)
     return {"checkpoint": path, "sampling": "temperature 0.8, top_p 0.95", "max_tokens": max_tokens,
-            "messages": CHAT_MESSAGES, "after_10_turns": early, f"after_{turns}_turns": late,
-            "late_over_early": late["us_per_new_token_median"] / early["us_per_new_token_median"],
-            "seconds_all_turns": total,
-            "reread_whole_conversation_s": reread, "reread_tokens": len(conv.tokens) - 1}
+            "messages": CHAT_MESSAGES, "after_10_turns": a, f"after_{turns}_turns": b,
+            "late_over_early": b["us_per_new_token_median"] / a["us_per_new_token_median"],
+            f"seconds_first_{turns}_turns": build,
+            "reread_whole_conversation_s_estimated": reread, "reread_tokens": len(late.tokens) - 1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=300, help="tokens per stream per repeat")
+    parser.add_argument("--tokens", type=int, default=300, help="tokens per stream per repeat at batch 1")
+    parser.add_argument("--tokens-batch32", type=int, default=100, help="tokens per stream per repeat at batch 32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=1000)
     parser.add_argument("--chat-max-tokens", type=int, default=20)
@@ -378,7 +413,8 @@ def main() -> None:
     memory = json.loads(fresh(cmd))
 
     write("decode", {
-        "checkpoints": trained, "tokens_per_stream": args.tokens, "repeats": args.repeats,
+        "checkpoints": trained, "tokens_per_stream": args.tokens, "tokens_per_stream_batch32": args.tokens_batch32,
+        "repeats": args.repeats,
         "benchmark_seconds": time.perf_counter() - started,
         "meaning": {
             "reference": "pytorch/examples word_language_model generate.py's loop on the same weights: "
@@ -388,10 +424,15 @@ def main() -> None:
             "speed.MODEL.batch1": "one stream, temperature 1, tokens/s (median of `repeats` runs of "
                                   "`tokens_per_stream` tokens after a warm-up, from the boundary token): "
                                   "ours = Engine with 1 slot, submit + step until done",
-            "speed.MODEL.batch32": "32 streams submitted at once, each its own seed, aggregate tokens/s: greedy "
+            "speed.MODEL.batch32": "32 streams of `tokens_per_stream_batch32` tokens submitted at once, each its own "
+                                   "seed, aggregate tokens/s (median of `repeats`): greedy "
                                    "(temperature 0) vs sampling (temperature 0.8, top_k 40, top_p 0.95); "
                                    "sampling_over_greedy_time = greedy tokens/s / sampling tokens/s; "
                                    "temperature1 = plain sampling, to set beside the reference's batch-32 loop",
+            "speed.MODEL.first_token_warm": "median of 5, in this process after the runs above: ours = prefill of "
+                                            "the prompt + submit + one step; reference = the prompt in one call "
+                                            "(log-probabilities at every position, as the example's model gives) "
+                                            "+ one sampling step",
             "first_token": "fresh processes (started through sh so ru_maxrss does not inherit this process's): ours = nlm generate --bench --json (first_token_ms from the start "
                            "of the prompt's prefill to the first sampled token; peak RSS of the whole process "
                            "after 300 tokens); reference = the reference loop in a child process that loads the "
@@ -399,9 +440,12 @@ def main() -> None:
                            "samples one token",
             "chat": "Conversation on the character model, short user messages, replies of at most max_tokens: "
                     "per turn, (prompt reading + generation seconds) / (new prompt tokens + reply tokens), in "
-                    "microseconds; median/min/max over the 20 turns after turn 10 and after the last turn; "
-                    "reread_whole_conversation_s: one prefill of the whole conversation, what each turn would "
-                    "cost a decoder that keeps no state",
+                    "microseconds; median/min/max over 30 turns of a conversation past turn 10 and of one past "
+                    "the last turn, taken alternately (one turn of each in turn); first_token_ms (prompt "
+                    "reading + first step) and generation_us_per_token (the steps after) split it; "
+                    "reread_whole_conversation_s_estimated: the time one prefill of the whole conversation takes "
+                    "(measured on its last 10,000 tokens, scaled by length), what each turn would cost a decoder "
+                    "that keeps no state",
             "long_stream": "a fresh process: Engine with 1 slot, one stream of max_tokens=long at temperature 1 "
                            "on the character model, stepped until done; VmRSS after the first step and every "
                            "10,000 tokens",

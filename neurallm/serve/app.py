@@ -138,10 +138,25 @@ class PrefixCache:
             self.entries.pop(next(iter(self.entries)))
 
 
-async def parse(request: Request, schema: type[BaseModel]):
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading it when the client says
+    its size). Checked here rather than in a middleware: Starlette's middleware wraps every streamed
+    event of every response, which cost more than the rest of the server's work per token."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise ApiError(413, f"the request body is {size} bytes; at most {limit}", code="request_too_large")
+    raw = b""
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    return raw
+
+
+async def parse(request: Request, schema: type[BaseModel], limit: int):
     """The JSON body as ``schema`` (whatever the Content-Type says): 400 if it is not JSON, 422 if
     a field is missing or of the wrong type."""
-    raw = await request.body()
+    raw = await read_body(request, limit)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -200,14 +215,6 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), e.status_code)
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            return JSONResponse(error_body(f"the request body is {size} bytes; at most {limits.max_body_bytes}",
-                                           "invalid_request_error", code="request_too_large"), 413)
-        return await call_next(request)
 
     def authorize(request: Request):
         if api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
@@ -385,7 +392,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request):
-        body = await parse(request, CompletionRequest)
+        body = await parse(request, CompletionRequest, limits.max_body_bytes)
         lm = model_of(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
         if not isinstance(body.prompt, str) and len(body.prompt) > 1:
@@ -398,7 +405,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request):
-        body = await parse(request, ChatRequest)
+        body = await parse(request, ChatRequest, limits.max_body_bytes)
         lm = model_of(body.model)
         if not body.messages:
             raise ApiError(422, "messages: at least one message", param="messages")
@@ -544,7 +551,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
     async def score(request: Request):
         from neurallm.evaluate import score as score_text
 
-        body = await parse(request, ScoreRequest)
+        body = await parse(request, ScoreRequest, limits.max_body_bytes)
 
         lm = model_of(body.model)
         encode(lm, body.text, "text")  # the same checks as a prompt (vocabulary, length)
@@ -571,7 +578,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
 
     @app.post("/v1/sessions", dependencies=guarded)
     async def create_session(request: Request):
-        body = await parse(request, SessionRequest)
+        body = await parse(request, SessionRequest, limits.max_body_bytes)
         lm = model_of(body.model)
         ids = encode(lm, body.prompt, "prompt")
         context = await asyncio.to_thread(lm.engine.prefill, ids, lm.start()) if ids else lm.start()
@@ -608,7 +615,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
     @app.post("/v1/sessions/resume", dependencies=guarded)
     async def resume_session(request: Request, model: str):
         lm = model_of(model)
-        data = await request.body()
+        data = await read_body(request, limits.max_body_bytes)
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"nlm-{secrets.token_hex(8)}.safetensors"
         try:
             path.write_bytes(data)

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 
 from neurallm.generate import Sampling
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far. Linux's VmHWM where there is one: getrusage's
-    ru_maxrss also counts a parent's peak from before this program was started."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
+from neurallm.runtime import peak_rss_mb
 
 
 def bench_generate(checkpoint, prompt: str, max_tokens: int, sampling: Sampling, batch: int = 1, seed: int = 0,

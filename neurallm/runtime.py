@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import resource
+import sys
 
 import torch
 
@@ -65,3 +67,17 @@ def release_free_memory() -> bool:
         return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
     except (OSError, AttributeError, TypeError):
         return False
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far. Linux's VmHWM where there is one: getrusage's
+    ru_maxrss also counts a parent's peak from before this program was started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB

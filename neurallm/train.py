@@ -14,7 +14,6 @@ import gc
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -522,7 +521,7 @@ class Trainer:
                "train_step_tokens_per_s": p.tokens / max(p.train_seconds, 1e-9),  # training steps only
                "train_loss": p.train_loss,
                "valid_loss": p.valid_loss, "valid_perplexity": math.exp(min(p.valid_loss, 700)),
-               "best_valid_loss": p.best_valid, "peak_rss_mb": peak_rss_mb(),
+               "best_valid_loss": p.best_valid, "peak_rss_mb": runtime.peak_rss_mb(),
                "processes": self.world, "device": str(self.device), "interrupted": self.interrupted}
         if self.tokenizer.kind == "char":
             out["valid_bpc"] = p.valid_loss / math.log(2)
@@ -535,9 +534,6 @@ def _rows(ids: torch.Tensor, rows: int, split: str, key: str) -> torch.Tensor:
     except NlmError as e:
         raise NlmError(f"{split}: {e}; lower {key}") from None
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train(recipe: config.Recipe, out, resume: bool = False, show_progress: bool = True) -> dict:

@@ -89,6 +89,7 @@ class Engine:
         decoder = model.decoder
         # The output layer as (features, vocab): one row times this is ~3x faster than F.linear's
         # (vocab, features) on the CPU (a fast matrix-vector kernel instead of a strided one).
+        # A copy made now: an engine decodes the weights it was made with.
         self._full = isinstance(decoder, nn.Linear)
         if self._full:
             self._weight_t = decoder.weight.detach().t().contiguous()

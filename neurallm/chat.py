@@ -51,20 +51,22 @@ class Conversation:
         stream.rng = self.rng
         out = StopText(self.lm.tokenizer, [fmt.turn_end], after=fmt.assistant)
         first = None
-        with contextlib.closing(self.lm.engine.run(stream)) as events:  # closing takes the stream out
-            for event in events:
-                first = first or time.perf_counter()
-                self.tokens.append(event.token)
-                piece = out.push(event.token)
-                if piece:
-                    yield piece
-                if out.stopped or stop():
-                    break
-        if not out.stopped:
-            yield out.flush()
-        self.context = stream.context
-        self.open_turn = not out.stopped
-        self.turns += 1
+        try:
+            with contextlib.closing(self.lm.engine.run(stream)) as events:  # closing takes the stream out
+                for event in events:
+                    first = first or time.perf_counter()
+                    self.tokens.append(event.token)
+                    piece = out.push(event.token)
+                    if piece:
+                        yield piece
+                    if out.stopped or stop():
+                        break
+            if not out.stopped:
+                yield out.flush()
+        finally:  # also when the reader stops early: the state and the tokens behind it agree
+            self.context = stream.context
+            self.open_turn = not out.stopped
+            self.turns += 1
         end = time.perf_counter()
         self.last = {"prompt_tokens": len(ids), "reply_tokens": stream.generated, "seconds": end - started,
                      "first_token_ms": 1000 * ((first or end) - started),

@@ -53,7 +53,7 @@ class Stream:
     id: int = 0
     generated: int = 0
     done: bool = False
-    reason: str = ""  # "length" when max_tokens ran out, "stop" when the caller finished it
+    reason: str = ""  # "length" when max_tokens ran out; "stop" or "cancelled" when the caller finished it
     slot: int = -1
 
 
@@ -89,7 +89,7 @@ class Engine:
         decoder = model.decoder
         # The output layer as (features, vocab): one row times this is ~3x faster than F.linear's
         # (vocab, features) on the CPU (a fast matrix-vector kernel instead of a strided one).
-        # A copy made now: an engine decodes the weights it was made with.
+        # A copy made now: make a new engine for weights changed later.
         self._full = isinstance(decoder, nn.Linear)
         if self._full:
             self._weight_t = decoder.weight.detach().t().contiguous()
@@ -116,7 +116,7 @@ class Engine:
         read = [context.pending] + list(ids[:-1])
         state = self.model(torch.tensor([read], device=self.device), context.state)[1]
         # A copy made after the step's temporaries are freed: the state as returned sits among them,
-        # and each one kept (a server's open sessions) held ~300 KB of heap here instead of its 4 KB.
+        # and each one kept (a server's open sessions) held tens of KB of heap here instead of its 4 KB.
         return Context(state.clone(), int(ids[-1]), context.length + len(ids))
 
     # ---- streams --------------------------------------------------------------------------

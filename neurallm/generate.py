@@ -62,12 +62,13 @@ def choose(logits: torch.Tensor, settings: list[Sampling], rngs: list[torch.Gene
     Where that window cannot decide exactly (a nucleus wider than the window, or equal values at
     its edge) the row takes ``distribution``'s full sort. Which way a row goes depends on that row
     alone, so its token does not depend on the other rows."""
+    logits = logits.float().cpu()  # (n, V): the draws and their bookkeeping live on the CPU
     out = logits.argmax(-1)
     hot = [i for i, s in enumerate(settings) if s.temperature > 0]
     if not hot:
         return out
     u = torch.tensor([float(torch.rand((), generator=rngs[i], dtype=torch.float64)) for i in hot])
-    rows = logits[hot].float()
+    rows = logits[hot]
     hs = [settings[i] for i in hot]
     # float32: a temperature below 1e-30 acts as 1e-30 (already greedy for any real gap between logits)
     t = rows.new_tensor([max(s.temperature, 1e-30) for s in hs]).unsqueeze(1)
@@ -122,9 +123,11 @@ def _draw_in_windows(x, windows, settings, u, drawn, rows) -> list[int]:
 
 
 def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row: the first position whose cumulative mass exceeds u times the row's total."""
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.size(-1) - 1)
+    """Per row: the first position whose cumulative mass exceeds u times the row's total. A u that
+    rounds to 1 in float32 lands on the last position with mass, never past it (a cut-off token)."""
+    total = cdf[:, -1:]
+    found = torch.searchsorted(cdf, u.to(cdf.dtype).unsqueeze(1) * total, right=True).squeeze(1)
+    return torch.minimum(found, (cdf < total).sum(-1))
 
 
 def generate(model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, rng: torch.Generator,

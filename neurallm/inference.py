@@ -52,7 +52,7 @@ class Loaded:
         return state.save(path, context, tokens, self.model_hash, self.tokenizer_hash, self.recipe.model.cell)
 
     def load_state(self, path) -> tuple[Context, list[int]]:
-        return state.load(path, self.model_hash, self.tokenizer_hash, self.engine.buffer)
+        return state.load(path, self.model_hash, self.tokenizer_hash, self.engine.buffer, self.tokenizer.vocab_size)
 
     def chat_text(self, messages: list[dict], source: str = "messages") -> str:
         """The conversation as the model reads it, ending where the assistant's next reply begins."""

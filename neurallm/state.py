@@ -53,7 +53,7 @@ def save(path, context: Context, tokens: list[int], model_hash: str, tok_hash: s
     return path
 
 
-def load(path, model_hash: str, tok_hash: str, like: torch.Tensor) -> tuple[Context, list[int]]:
+def load(path, model_hash: str, tok_hash: str, like: torch.Tensor, vocab_size: int) -> tuple[Context, list[int]]:
     """-> (context, tokens behind it), checked against the model that will continue it.
     ``like``: a state of that model ((layers, parts, dirs, batch, hidden)), for shape and device."""
     path = Path(path)
@@ -65,10 +65,11 @@ def load(path, model_hash: str, tok_hash: str, like: torch.Tensor) -> tuple[Cont
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise NlmError(f"{path}: not a readable state file ({e})") from None
-    if meta.get("format") != FORMAT or set(tensors) != {"state", "tokens"}:
+    keys = ("model_sha256", "tokenizer_sha256", "pending", "length", "checksum")
+    if meta.get("format") != FORMAT or set(tensors) != {"state", "tokens"} or not all(k in meta for k in keys):
         raise NlmError(f"{path}: not a neurallm state file (expected format {FORMAT})")
     state, ids = tensors["state"], tensors["tokens"]
-    if meta.get("checksum") != _checksum(state, ids, meta):
+    if meta["checksum"] != _checksum(state, ids, meta):
         raise NlmError(f"{path}: the file was altered or damaged (its checksum does not match its contents)")
     if meta["model_sha256"] != model_hash:
         raise NlmError(f"{path}: this state belongs to another model (weights sha256 {meta['model_sha256'][:12]}…, "
@@ -78,6 +79,12 @@ def load(path, model_hash: str, tok_hash: str, like: torch.Tensor) -> tuple[Cont
     expected = (*like.shape[:3], 1, like.shape[4])
     if tuple(state.shape) != expected:
         raise NlmError(f"{path}: state of shape {tuple(state.shape)}, the model's is {expected}")
-    tokens = ids.tolist()
-    context = Context(state.to(like.device, like.dtype), int(meta["pending"]), int(meta["length"]))
-    return context, tokens
+    # The checksum tells damage, not intent: a file edited on purpose is checked for sense too.
+    tokens = ids.tolist() if ids.dim() == 1 and ids.dtype == torch.int64 else None
+    pending, length = meta["pending"], meta["length"]
+    if (tokens is None or not pending.isdigit() or not length.isdigit() or int(length) != len(tokens)
+            or not tokens or tokens[-1] != int(pending) or not all(0 <= t < vocab_size for t in tokens)
+            or state.dtype != torch.float32 or not torch.isfinite(state).all()):
+        raise NlmError(f"{path}: the state file does not hold together (its tokens, count or pending token "
+                       f"disagree, or fall outside the model's {vocab_size}-token vocabulary)")
+    return Context(state.to(like.device, like.dtype), int(pending), int(length)), tokens

@@ -183,3 +183,22 @@ def test_chat_reads_commands_and_messages_from_a_pipe(char_run, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "temperature=0.0 top_k=5" in out.stdout and "(conversation reset)" in out.stdout
     assert "1 tokens behind the state, 0 turns" in out.stdout
+
+
+def test_a_state_file_edited_with_a_fresh_checksum_is_still_refused(char_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from neurallm import state as state_mod
+
+    path = tmp_path / "s.safetensors"
+    generate(capsys, char_run, "--prompt", "A", "--max-tokens", "3", "--save-state", str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    meta["pending"] = "100000"  # outside the vocabulary, checksum recomputed to match
+    meta["checksum"] = state_mod._checksum(tensors["state"], tensors["tokens"], meta)
+    save_file(tensors, str(path), metadata=meta)
+    assert main(["generate", str(char_run), "--state", str(path)]) == 2
+    assert "does not hold together" in capsys.readouterr().err

@@ -174,3 +174,11 @@ def test_windowed_cuts_on_a_large_vocabulary_follow_the_reference():
         top = expected.topk(5).indices
         torch.testing.assert_close(counts[row, top] / 2000, expected[top], atol=0.04, rtol=0)
     assert counts[2].nonzero().numel() > 1024  # past the window
+
+
+def test_a_draw_of_almost_one_stays_inside_the_cut():
+    from neurallm.generate import _invert
+
+    cdf = torch.tensor([[0.5, 1.0, 1.0, 1.0]])  # tokens 2 and 3 cut off (no mass)
+    assert _invert(cdf, torch.tensor([1 - 2**-30], dtype=torch.float64)).tolist() == [1]
+    assert _invert(cdf, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]

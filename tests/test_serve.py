@@ -116,7 +116,7 @@ def test_greedy_is_the_same_through_generate_chat_and_the_server(client, model_d
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == in_chat
-    assert chunks[-1]["usage"]["completion_tokens"] >= 1 and chunks[-1]["timings"]["tokens_per_s"] >= 0
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1 and chunks[-1]["timings"]["first_token_ms"] > 0
     # nlm generate reads the same text the chat format makes, and continues it the same way.
     prompt = lm.chat_text([{"role": "user", "content": "Good morrow"}])
     assert main(["generate", str(model_dir), "--prompt", prompt, "--max-tokens", "40", "--temperature", "0",
@@ -168,7 +168,8 @@ def test_a_session_continues_without_resending_and_forks_identically(client):
     assert whole == first
     # Saved as a file, resumed as a new session: it continues the same way.
     state = client.get(f"/v1/sessions/{fork}/state")
-    assert state.status_code == 200 and state.content[:8] != b"{"
+    assert state.status_code == 200 and json.loads(state.content[8:8 + int.from_bytes(state.content[:8], "little")])[
+        "__metadata__"]["format"] == "neurallm-state/1"  # a safetensors file
     resumed = client.post(f"/v1/sessions/resume?model={model}", content=state.content).json()["id"]
     c = client.post("/v1/completions", json={"model": model, "session": resumed, "prompt": "!", "max_tokens": 10,
                                              "temperature": 0}).json()["choices"][0]["text"]
@@ -181,6 +182,22 @@ def test_a_session_continues_without_resending_and_forks_identically(client):
     altered[-3] ^= 0xFF
     bad = client.post(f"/v1/sessions/resume?model={model}", content=bytes(altered))
     assert bad.status_code == 400 and "altered" in bad.json()["error"]["message"]
+
+
+def test_a_user_stop_string_ends_the_text_and_a_session_writes_the_turn_end_next(client):
+    model = client.model
+    free = client.post("/v1/completions", json={"model": model, "prompt": "ROMEO:\n", "max_tokens": 60,
+                                                "temperature": 0}).json()["choices"][0]["text"]
+    stop = free[3:5]  # two characters the greedy text holds
+    cut = client.post("/v1/completions", json={"model": model, "prompt": "ROMEO:\n", "max_tokens": 60,
+                                               "temperature": 0, "stop": stop}).json()["choices"][0]
+    assert cut["text"] == free[:free.index(stop)] and cut["finish_reason"] == "stop"
+    sid = client.post("/v1/sessions", json={"model": model, "prompt": "ROMEO:\nGood"}).json()["id"]
+    reply = client.post("/v1/chat/completions", json={"model": model, "session": sid, "max_tokens": 20,
+                                                      "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]})
+    # The session's text did not end its turn, so the message came after a turn end: as if sent whole.
+    whole = greedy(client, [{"role": "system", "content": "ROMEO:\nGood"}, {"role": "user", "content": "Hi"}], 20)
+    assert reply.json()["choices"][0]["message"]["content"] == whole
 
 
 def test_the_chat_page_is_served_and_the_api_lists_models(client):

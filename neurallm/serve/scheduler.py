@@ -69,8 +69,7 @@ class Scheduler:
         self.models = models
         self.queue_size = queue_size
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: dict[int, tuple[Job, StopText]] = {}  # stream id -> job
-        self.jobs_of: dict[str, dict] = {name: {} for name in models}
+        self.running: dict[int, tuple[Job, StopText]] = {}  # stream id -> (job, its text so far)
         self.wake = threading.Condition()
         self.stopping = False
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected": 0, "tokens": 0,
@@ -131,9 +130,12 @@ class Scheduler:
                 if self.stopping:
                     break
             self._admit()
-            for name, lm in self.models.items():
+            for lm in self.models.values():
                 if lm.engine.streams:
-                    self._step(lm)
+                    try:
+                        self._step(lm)
+                    except Exception as e:  # noqa: BLE001 (the requests in this model's step get the error)
+                        self._fail(lm, f"{type(e).__name__}: {e}")
         for job, _ in list(self.running.values()):
             self._end(job, "cancelled")
         for job in self.waiting:
@@ -153,13 +155,23 @@ class Scheduler:
                 self._send(job, None)
                 continue
             try:
+                text = StopText(job.lm.tokenizer, job.stops, after=job.after)
                 context = job.lm.engine.prefill(job.prompt, job.context)
                 stream = job.lm.engine.submit(context, job.max_tokens, job.sampling, job.seed, job.logprobs)
             except Exception as e:  # noqa: BLE001 (reported to the request that caused it; the thread goes on)
                 job.error, job.reason = f"{type(e).__name__}: {e}", "error"
                 self._send(job, None)
                 continue
-            self.running[stream.id] = (job, StopText(job.lm.tokenizer, job.stops, after=job.after))
+            self.running[stream.id] = (job, text)
+
+    def _fail(self, lm: Loaded, error: str) -> None:
+        """A step that raised: its streams end with the error; the thread and other models go on."""
+        for stream in list(lm.engine.streams):
+            job, _ = self.running.pop(stream.id, (None, None))
+            lm.engine.finish(stream, "error")
+            if job is not None:
+                job.error, job.reason, job.finished = error, "error", time.perf_counter()
+                self._send(job, None)
 
     def _step(self, lm: Loaded) -> None:
         for stream in list(lm.engine.streams):  # a client gone: its slot frees now

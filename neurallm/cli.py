@@ -100,6 +100,9 @@ def cmd_generate(args, _) -> int:
     if args.bench:
         from neurallm.bench import bench_generate
 
+        if args.state or args.save_state:
+            raise NlmError("--bench measures a fresh prompt; it takes no --state or --save-state")
+
         result = bench_generate(args.checkpoint, args.prompt, args.max_tokens, sampling, args.batch, args.seed,
                                 device=args.device)
         _emit(result, args.json, [

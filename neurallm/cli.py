@@ -220,6 +220,14 @@ def _add_unknown_arg(p: argparse.ArgumentParser) -> None:
                         "the score and counted; word models map unknown words to <unk> and count them")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float, top_p: float) -> None:
+    p.add_argument("--max-tokens", type=positive, default=max_tokens, help="the most tokens to generate (a reply)")
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: no cut")
+    p.add_argument("--top-p", type=float, default=top_p, help="1: no cut")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # options every verb takes, before or after its name
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -256,11 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("generate", help="stream sampled text")
     _add_model_args(p)
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-tokens", type=positive, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(p, max_tokens=200, temperature=1.0, top_p=1.0)
     p.add_argument("--state", metavar="FILE", help="continue from a state file (the prompt follows its text)")
     p.add_argument("--save-state", metavar="FILE", help="write the state after the prompt and the generated text")
     p.add_argument("--bench", action="store_true",
@@ -271,11 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("chat", help="an interactive conversation in the terminal, the state carried from turn to turn")
     _add_model_args(p)
-    p.add_argument("--max-tokens", type=positive, default=300, help="the longest reply")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(p, max_tokens=300, temperature=0.8, top_p=0.95)
     p.add_argument("--state", metavar="FILE", help="continue a conversation saved with /save")
     p.add_argument("--stats", action="store_true", help="after each reply, its speed")
     p.set_defaults(func=cmd_chat)

@@ -19,12 +19,16 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neurallm import runtime
@@ -33,6 +37,23 @@ from neurallm.errors import NlmError
 from neurallm.generate import Sampling
 from neurallm.inference import Loaded
 from neurallm.serve.scheduler import Job, Piece, QueueFull, Scheduler
+from neurallm.serve.wire import (
+    ApiError,
+    ChatRequest,
+    Common,
+    CompletionRequest,
+    ScoreRequest,
+    SessionRequest,
+    chat_logprobs,
+    check_errors,
+    completion_logprobs,
+    error_body,
+    finish_reason,
+    parse,
+    read_body,
+    text_event,
+    usage,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -46,66 +67,6 @@ class Limits:
     max_sessions: int = 100_000
     queue_size: int = 64
     retry_after_s: int = 1
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code, self.headers = \
-            status, message, kind, param, code, headers
-
-
-def error_body(message: str, kind: str, param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# ---- request bodies (OpenAI's fields, plus top_k and session) ----------------------------------------
-
-class Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None)
-    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # Python's JSON reader takes NaN
-    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 64)  # choice i draws with seed + i
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    stream_options: dict | None = None
-    session: str | None = None
-
-
-class CompletionRequest(Common):
-    prompt: str | list[str] = ""
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(Common):
-    messages: list[Message]
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_completion_tokens: int | None = None
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    text: str
-
-
-class SessionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    prompt: str = ""
 
 
 @dataclass
@@ -136,37 +97,6 @@ class PrefixCache:
         self.entries[key] = context
         while len(self.entries) > self.size:
             self.entries.pop(next(iter(self.entries)))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (before reading it when the client says
-    its size). Checked here rather than in a middleware: Starlette's middleware wraps every streamed
-    event of every response, which cost more than the rest of the server's work per token."""
-    size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > limit:
-        raise ApiError(413, f"the request body is {size} bytes; at most {limit}", code="request_too_large")
-    raw = b""
-    async for part in request.stream():
-        raw += part
-        if len(raw) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
-    return raw
-
-
-async def parse(request: Request, schema: type[BaseModel], limit: int):
-    """The JSON body as ``schema`` (whatever the Content-Type says): 400 if it is not JSON, 422 if
-    a field is missing or of the wrong type."""
-    raw = await read_body(request, limit)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, f"{where}: {first['msg']}", param=where, code="invalid_value") from None
 
 
 def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: str | None = None,
@@ -349,25 +279,6 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
                 if not job.reason:
                     scheduler.cancel(job)
 
-    def usage(jobs: list[Job], prompt_tokens: int, cached: int) -> dict:
-        completion = sum(len(j.tokens) for j in jobs)
-        first = min((j.first_token for j in jobs if j.first_token), default=0.0)
-        end = max((j.finished for j in jobs), default=0.0)
-        rate = (completion - len(jobs)) / (end - first) if first and end > first and completion > len(jobs) else 0.0
-        submitted = min(j.submitted for j in jobs)
-        return {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion,
-                          "prompt_tokens_details": {"cached_tokens": cached}},
-                "timings": {"first_token_ms": 1000 * (first - submitted) if first else None, "tokens_per_s": rate}}
-
-    def check_errors(jobs: list[Job]):
-        for job in jobs:
-            if job.error:
-                raise ApiError(500, f"decoding failed: {job.error}", "server_error")
-
-    def finish(job: Job) -> str:
-        return "stop" if job.reason == "stop" else "length"
-
     def prepare(body: Common, lm: Loaded, text: str, param: str, chat: bool):
         """-> (start context, ids to read, all ids of the text, tokens reused, session)."""
         session = None
@@ -471,11 +382,11 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": chat_logprobs(lm, lps[i]) if job.logprobs >= 0 else None,
-                                "finish_reason": finish(job)})
+                                "finish_reason": finish_reason(job)})
             else:
                 choices.append({"index": i, "text": (shown if echo else "") + text,
                                 "logprobs": completion_logprobs(lm, lps[i], len(shown) if echo else 0)
-                                if job.logprobs >= 0 else None, "finish_reason": finish(job)})
+                                if job.logprobs >= 0 else None, "finish_reason": finish_reason(job)})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": lm.name, "choices": choices, **usage(jobs, prompt_tokens, cached)}
 
@@ -510,7 +421,7 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
                             yield "data: " + json.dumps(error_body(f"decoding failed: {job.error}",
                                                                    "server_error")) + "\n\n"
                             continue
-                        end = {"index": i, "logprobs": None, "finish_reason": finish(job)}
+                        end = {"index": i, "logprobs": None, "finish_reason": finish_reason(job)}
                         yield chunk([{**end, "delta": {}} if chat else {**end, "text": ""}])
                         continue
                     if item.token < 0:  # the held-back tail of a text that ended without its stop string
@@ -532,30 +443,6 @@ def create_app(models: dict[str, Loaded], limits: Limits = Limits(), api_key: st
             yield "data: [DONE]\n\n"
         finally:
             wrap_up()
-
-    def text_event(head: str, chat: bool, index: int, text: str) -> str:
-        """A chunk with text only, written without building the whole object (it is most of the traffic)."""
-        body = ('"delta": {"content": %s}' if chat else '"text": %s') % json.dumps(text)
-        return f'data: {head}, "choices": [{{"index": {index}, {body}, "logprobs": null, "finish_reason": null}}]}}\n\n'
-
-    def token_text(lm, token: int) -> str:
-        return lm.tokenizer.token(token)
-
-    def chat_logprobs(lm, pieces: list[Piece]) -> dict:
-        def entry(token, lp):
-            text = token_text(lm, token)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-        return {"content": [{**entry(p.token, p.logprob), "top_logprobs": [entry(t, v) for t, v in p.top]}
-                            for p in pieces]}
-
-    def completion_logprobs(lm, pieces: list[Piece], offset: int) -> dict:
-        tokens, offsets, at = [], [], offset
-        for p in pieces:
-            tokens.append(token_text(lm, p.token))
-            offsets.append(at)
-            at += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [p.logprob for p in pieces],
-                "top_logprobs": [{token_text(lm, t): v for t, v in p.top} for p in pieces], "text_offset": offsets}
 
     @app.post("/v1/score", dependencies=guarded)
     async def score(request: Request):

@@ -76,10 +76,15 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def tied(model) -> bool:
+    """The output layer reads the embedding's own tensor (a quantized model may keep only one of them)."""
+    return getattr(model.decoder, "weight", None) is getattr(model.embedding, "weight", False)
+
+
 def tensors_of(model) -> dict:
     # Tied weights share storage; safetensors stores each tensor once, so drop the alias.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_weights:
+    if tied(model):
         state.pop("decoder.weight", None)
     return state
 
@@ -127,26 +132,68 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def load(directory, device: str = "cpu"):
-    """-> (model in eval mode, recipe, tokenizer). Clear errors for a missing file or a mismatched shape."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise NlmError(f"{directory}: no such checkpoint directory")
-    for name in FILES:
+def describe(directory) -> tuple[Path, dict]:
+    """-> (the checkpoint directory a path or stored name points at, its config.json)."""
+    from neurallm import store
+
+    directory = store.resolve(directory)
+    for name in ("config.json", "tokenizer.json"):
         if not (directory / name).is_file():
             raise NlmError(f"{directory}: checkpoint is missing {name} (expected {', '.join(FILES)})")
     data = read_json(directory / "config.json")
-    if isinstance(data, dict):
-        data.pop("info", None)
-    recipe = config_mod.build(data, source=str(directory / "config.json"))
+    if not isinstance(data, dict):
+        raise NlmError(f"{directory / 'config.json'}: expected a JSON object")
+    return directory, data
+
+
+def _recipe_and_tokenizer(directory: Path, data: dict):
+    sections = {k: v for k, v in data.items() if k not in ("info", "export", "quantization")}
+    recipe = config_mod.build(sections, source=str(directory / "config.json"))
     tokenizer = tokenizers.from_json(read_json(directory / "tokenizer.json"), str(directory / "tokenizer.json"))
+    if tokenizer.vocab_size != recipe.model.vocab_size:
+        raise NlmError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, config.json says "
+                       f"model.vocab_size = {recipe.model.vocab_size}")
+    return recipe, tokenizer
+
+
+def open_runner(directory, device: str = "cpu"):
+    """Any kind of checkpoint, ready to decode and score: -> (runner, recipe, tokenizer).
+    An LM or a quantized checkpoint runs in PyTorch; an export in its own runtime."""
+    from neurallm.runner import EagerRunner
+
+    directory, data = describe(directory)
+    if "export" in data:
+        from neurallm.export import open_export
+
+        recipe, tokenizer = _recipe_and_tokenizer(directory, data)
+        if device != "cpu":
+            raise NlmError(f"{directory}: an export runs on the CPU here (--device cpu)")
+        return open_export(directory, data["export"], recipe), recipe, tokenizer
+    model, recipe, tokenizer = load(directory, device)
+    return EagerRunner(model), recipe, tokenizer
+
+
+def load(directory, device: str = "cpu"):
+    """-> (model in eval mode, recipe, tokenizer): a trained or a quantized checkpoint (its layers
+    swapped for quantized ones). Clear errors for a missing file or a mismatched shape."""
+    from neurallm import quantize
+
+    directory, data = describe(directory)
+    if "export" in data:
+        raise NlmError(f"{directory}: is an export ({data['export'].get('format') if isinstance(data['export'], dict) else '?'}); "
+                       f"this needs the checkpoint it was exported from")
+    if not (directory / "model.safetensors").is_file():
+        raise NlmError(f"{directory}: checkpoint is missing model.safetensors (expected {', '.join(FILES)})")
+    recipe, tokenizer = _recipe_and_tokenizer(directory, data)
     model = RNNLM(recipe.model)
+    if "quantization" in data:
+        quantize.prepare(model, data["quantization"], str(directory / "config.json"))
     try:
         state = load_file(str(directory / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise NlmError(f"{directory / 'model.safetensors'}: unreadable ({e})") from None
     expected = model.state_dict()
-    if recipe.model.tie_weights:
+    if tied(model):
         expected.pop("decoder.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -154,12 +201,8 @@ def load(directory, device: str = "cpu"):
         raise NlmError(f"{directory / 'model.safetensors'}: tensors do not match config.json "
                        f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
     for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise NlmError(f"{directory / 'model.safetensors'}: {name} has shape {tuple(tensor.shape)}, "
-                           f"config.json implies {tuple(expected[name].shape)}")
-    if tokenizer.vocab_size != recipe.model.vocab_size:
-        raise NlmError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, config.json says "
-                       f"model.vocab_size = {recipe.model.vocab_size}")
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise NlmError(f"{directory / 'model.safetensors'}: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                           f"config.json implies {tuple(expected[name].shape)} {expected[name].dtype}")
     model.load_state_dict(state, strict=False)
     return model.to(runtime.pick_device(device)).eval(), recipe, tokenizer
-

@@ -41,16 +41,28 @@ def cmd_train(args, overrides: list[str]) -> int:
         extra.append(f"--train.device={args.device}")
     recipe = config.load_recipe(args.recipe, overrides + extra)
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
+    if args.save_as:
+        from neurallm import store
+
+        store.check_name(args.save_as)
+        if store.valid_name(args.save_as) and (store.models_dir() / args.save_as).exists():
+            raise NlmError(f"--save-as {args.save_as}: a stored model of that name exists already "
+                           f"(nlm models remove {args.save_as}, or pick another name)")
     result = train(recipe, out, resume=args.resume, show_progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, one summary: rank 0's
+    if args.save_as:
+        from neurallm import store
+
+        result["saved_as"] = str(store.add(result["checkpoint"], args.save_as))
     metric = (f"valid bpc {result['valid_bpc']:.4f} (loss {result['valid_loss']:.4f} nats/char)"
               if "valid_bpc" in result else f"valid perplexity {result['valid_perplexity']:.2f}")
     _emit(result, args.json, [
         f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['tokens_per_s']:.0f} tokens/s); "
         f"train loss {result['train_loss']:.4f}; {metric}",
         f"best checkpoint: {result['checkpoint']}" +
-        (f"  (curves: {out / 'curves.png'})" if (out / "curves.png").is_file() else "")])
+        (f"  (curves: {out / 'curves.png'})" if (out / "curves.png").is_file() else "") +
+        (f"; stored as {args.save_as}" if args.save_as else "")])
     return 0
 
 
@@ -80,7 +92,7 @@ def cmd_eval(args, _) -> int:
     from neurallm import checkpoint
     from neurallm.evaluate import evaluate
 
-    model, recipe, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
+    model, recipe, tokenizer = checkpoint.open_runner(args.checkpoint, device=args.device)
     ids, counts, source = _tokens_of(args, tokenizer, recipe)
     if not ids:
         raise NlmError(f"{source}: no tokens to evaluate")
@@ -108,7 +120,9 @@ def cmd_generate(args, _) -> int:
         _emit(result, args.json, [
             f"{result['model']}, batch {result['batch']}: first token in {result['first_token_ms']:.1f} ms, then "
             f"{result['tokens_per_s']:.0f} tokens/s ({result['tokens_per_s_per_stream']:.0f} per stream); "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB"])
+            f"peak RSS {result['peak_rss_mb']:.0f} MB; bandwidth achieved {result['bandwidth_gb_s']:.2f} GB/s "
+            f"({result['weight_bytes_per_step'] / 1e6:.1f} MB of weights a step) of "
+            f"{result['memory_bandwidth_gb_s']:.1f} GB/s measured"])
         return 0
     if args.batch != 1:
         raise NlmError("--batch goes with --bench (generate streams one text)")
@@ -168,6 +182,70 @@ def cmd_serve(args, _) -> int:
                  args.device, args.slots, limits, args.shutdown_grace, args.threads)
 
 
+def cmd_export(args, _) -> int:
+    from neurallm.export import export
+
+    record = export(args.checkpoint, args.format, args.out, verify_tokens=args.verify_tokens,
+                    verify_file=args.verify_file, max_ppl_rel_diff=None if args.max_ppl_diff is None
+                    else args.max_ppl_diff / 100, progress=(lambda _: None) if args.json else print)
+    v = record["verified"]
+    _emit({"out": args.out, **record}, args.json, [
+        f"wrote {args.out} ({args.format}: {', '.join(f['file'] for f in record['files'].values())}, "
+        f"{sum(f['bytes'] for f in record['files'].values()) / 1e6:.1f} MB); logits within "
+        f"{v['max_logit_diff']:.2g} of eager, perplexity {100 * v['ppl_rel_diff']:.5f}% apart"])
+    return 0
+
+
+def cmd_quantize(args, _) -> int:
+    from neurallm.quantize import quantize_checkpoint
+
+    if args.scheme is None and args.recipe is None:
+        raise NlmError("nlm quantize: give --scheme or --recipe")
+    record = quantize_checkpoint(args.checkpoint, args.scheme, args.out, recipe_file=args.recipe,
+                                 max_increase=None if args.max_increase is None else args.max_increase / 100,
+                                 tokens=args.tokens, progress=(lambda _: None) if args.json else print)
+    v = record["validation"]
+    _emit({"out": args.out, **record}, args.json, [
+        f"wrote {args.out}: {v['bytes'] / 1e6:.2f} MB on disk ({v['bytes'] / v['bytes_fp32']:.0%} of fp32), "
+        f"perplexity {100 * v['increase']:+.3f}% (budget {100 * v['budget']:g}%)"])
+    return 0
+
+
+def cmd_models(args, _) -> int:
+    from neurallm import store
+
+    if args.action == "list":
+        rows = store.entries()
+        if args.json:
+            _emit({"home": str(store.home()), "models": rows}, True, [])
+        else:
+            print("\n".join(store.format_table(rows)) if rows else f"no stored models in {store.models_dir()}")
+        return 0
+    needed = {"where": 1, "remove": 1, "add": 2, "rename": 2}[args.action]
+    if len(args.names) != needed:
+        usage = {"where": "NAME", "remove": "NAME", "add": "CHECKPOINT NAME", "rename": "OLD NEW"}[args.action]
+        raise NlmError(f"nlm models {args.action} {usage}")
+    if args.action == "where":
+        print(store.where(args.names[0]))
+    elif args.action == "remove":
+        store.remove(args.names[0])
+        print(f"removed {args.names[0]}")
+    elif args.action == "add":
+        print(f"added {args.names[1]}: {store.add(args.names[0], args.names[1])}")
+    else:
+        print(f"renamed {args.names[0]} to {args.names[1]}: {store.rename(*args.names)}")
+    return 0
+
+
+def cmd_bench(args, _) -> int:
+    from neurallm.bench import bench_variants, table
+
+    result = bench_variants(args.checkpoint, args.variants.split(","), tokens=args.max_tokens,
+                            eval_tokens=args.eval_tokens, work=args.work)
+    _emit(result, args.json, table(result))
+    return 0
+
+
 def cmd_score(args, _) -> int:
     from neurallm import checkpoint
     from neurallm.data import corpora
@@ -175,7 +253,7 @@ def cmd_score(args, _) -> int:
 
     if (args.text is None) == (args.file is None):
         raise NlmError("nlm score: give exactly one of --text or --file")
-    model, _, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
+    model, _, tokenizer = checkpoint.open_runner(args.checkpoint, device=args.device)
     text = args.text if args.text is not None else corpora.read_text(args.file)
     result = score(model, tokenizer, text, source=args.file or "--text", unknown=args.unknown)
     lines = [f"{t['logprob']:10.4f}  {t['token']!r}" for t in result["tokens"]]
@@ -210,7 +288,8 @@ def positive(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory (the --out of nlm train)")
+    p.add_argument("checkpoint", help="checkpoint directory (the --out of nlm train, an export, a quantized "
+                                      "model) or a stored model's name")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
@@ -248,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--json", action="store_true", help="last line: one JSON object summarising the run")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--save-as", metavar="NAME", help="then add the best checkpoint to the model store as NAME")
     p.set_defaults(func=cmd_train, overrides=True)
 
     p = verb("eval", help="perplexity or bits per character on a corpus split or a file")
@@ -281,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = verb("serve", help="an OpenAI-compatible HTTP API and a chat page (needs the serve extra)")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint directories; each is a model named after its folder")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories or stored names; each is a model named "
+                                                  "after its folder or store name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but the page "
@@ -304,6 +385,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unknown_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
+
+    p = verb("export", help="write step/prefill/head functions for onnxruntime, TorchScript or torch.export, "
+                            "verified against eager")
+    p.add_argument("checkpoint", help="checkpoint directory or stored model name")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
+    p.add_argument("--out", required=True, help="directory to write (replaced whole, only once verified)")
+    p.add_argument("--verify-tokens", type=positive, default=2000, help="held-out tokens the export is checked on")
+    p.add_argument("--verify-file", help="check on this text instead of the model's validation split")
+    p.add_argument("--max-ppl-diff", type=float, metavar="PCT",
+                   help="perplexity budget in percent (default 0.01; 1 for a quantized model's int8 ONNX)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = verb("quantize", help="write an int8, int4-weight or bf16 checkpoint, its perplexity change checked")
+    p.add_argument("checkpoint", help="checkpoint directory or stored model name")
+    p.add_argument("--scheme", choices=["int8", "int4-weight", "bf16"])
+    p.add_argument("--recipe", metavar="FILE.json",
+                   help='a mixed plan: {"scheme": "int8", "group_size": 64, "layers": {"stack": "fp32"}}')
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-increase", type=float, metavar="PCT",
+                   help="refuse a perplexity rise above this, in percent (default: int8 2, int4-weight 5, bf16 0.5)")
+    p.add_argument("--tokens", type=positive, default=20000, help="held-out tokens the perplexity is measured on")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+    p = verb("models", help="the model store: list, where NAME, add CHECKPOINT NAME, remove NAME, rename OLD NEW")
+    p.add_argument("action", choices=["list", "where", "add", "remove", "rename"])
+    p.add_argument("names", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = verb("bench", help="eager, exported and quantized variants of a model side by side")
+    p.add_argument("checkpoint", help="checkpoint directory or stored model name (an fp32 LM)")
+    p.add_argument("--variants", default=",".join(("eager", "onnx", "torchscript", "pt2", "int8", "int4-weight",
+                                                   "bf16", "int8-onnx")))
+    p.add_argument("--max-tokens", type=positive, default=200, help="tokens per stream at batch 1 (batch 32: a quarter)")
+    p.add_argument("--eval-tokens", type=positive, default=5000)
+    p.add_argument("--work", help="keep the variants in this folder (default: a temporary one)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = verb("data", help="known corpora: list, info NAME, download NAME")
     p.add_argument("action", choices=["list", "info", "download"])

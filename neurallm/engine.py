@@ -21,15 +21,14 @@ move a logit by ~1e-7; a token changes only if a draw lands that close to a boun
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from neurallm.errors import NlmError
 from neurallm.generate import Sampling, choose
+from neurallm.runner import as_runner
+
 
 @dataclass(frozen=True)
 class Context:
@@ -65,47 +64,27 @@ class Event:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-def weights_hash(model: nn.Module) -> str:
-    """sha256 over the weights' names, shapes and bytes: which model a state belongs to."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 class Engine:
     def __init__(self, model, slots: int = 32):
+        """``model``: an ``RNNLM`` or any runner (runner.py): eager, quantized or exported."""
         if slots < 1:
             raise NlmError(f"engine slots: {slots} (expected at least 1)")
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
+        self.runner = as_runner(model)
+        self.device = self.runner.device
         self.slots = slots
         self.streams: list[Stream] = []  # active, stream i in slot i
-        self.buffer = model.init_state(slots, self.device)  # (layers, parts, dirs, slots, hidden)
+        self.buffer = self.runner.init_state(slots)  # (layers, parts, dirs, slots, hidden)
         self._ids = itertools.count(1)
-        self._hash: str | None = None
-        decoder = model.decoder
-        # The output layer as (features, vocab): one row times this is ~3x faster than F.linear's
-        # (vocab, features) on the CPU (a fast matrix-vector kernel instead of a strided one).
-        # A copy made now: make a new engine for weights changed later.
-        self._full = isinstance(decoder, nn.Linear)
-        if self._full:
-            self._weight_t = decoder.weight.detach().t().contiguous()
-            self._bias = decoder.bias.detach()
 
     @property
     def model_hash(self) -> str:
-        if self._hash is None:
-            self._hash = weights_hash(self.model)
-        return self._hash
+        return self.runner.model_hash
 
     # ---- contexts -------------------------------------------------------------------------
 
     def start(self, boundary: int) -> Context:
         """A new text: the boundary token pending on a zero state."""
-        return Context(self.model.init_state(1, self.device), boundary, 1)
+        return Context(self.runner.init_state(1), boundary, 1)
 
     @torch.no_grad()
     def prefill(self, ids: list[int], context: Context) -> Context:
@@ -114,7 +93,7 @@ class Engine:
         if not ids:
             return context
         read = [context.pending] + list(ids[:-1])
-        state = self.model(torch.tensor([read], device=self.device), context.state)[1]
+        state = self.runner.read(torch.tensor([read]), context.state)
         # A copy made after the step's temporaries are freed: the state as returned sits among them,
         # and each one kept (a server's open sessions) held tens of KB of heap here instead of its 4 KB.
         return Context(state.clone(), int(ids[-1]), context.length + len(ids))
@@ -168,10 +147,9 @@ class Engine:
         n = len(self.streams)
         if not n:
             return []
-        tokens = torch.tensor([[s.context.pending] for s in self.streams], device=self.device)
-        features, state = self.model(tokens, self.buffer[:, :, :, :n])
+        tokens = torch.tensor([[s.context.pending] for s in self.streams])
+        logits, state = self.runner.step(tokens, self.buffer[:, :, :, :n])  # (n, vocab) float32
         self.buffer[:, :, :, :n] = state
-        logits = self.logits(features[:, 0])  # (n, vocab), float32
         chosen = choose(logits, [s.sampling for s in self.streams], [s.rng for s in self.streams]).tolist()
         want = max(s.logprobs for s in self.streams)
         logp = torch.log_softmax(logits, -1) if want >= 0 else None
@@ -192,12 +170,6 @@ class Engine:
             stream.done, stream.reason = True, "length"
             self._leave(stream)
         return events
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """features (n, F) -> (n, vocab) float32 logits (an adaptive softmax gives log-probabilities)."""
-        if self._full:
-            return torch.addmm(self._bias, features.float(), self._weight_t)
-        return self.model.log_probs(features).float()
 
     def run(self, stream: Stream):
         """Step until ``stream`` is done, yielding its events: the driver for one user (generate,

@@ -9,6 +9,7 @@ import torch
 
 from neurallm.data.batching import columns, num_windows, window
 from neurallm.errors import NlmError
+from neurallm.runner import as_runner
 
 
 def token_nll(model, ids: torch.Tensor, batch_size: int = 1, bptt: int = 70) -> torch.Tensor:
@@ -26,18 +27,30 @@ def token_nll(model, ids: torch.Tensor, batch_size: int = 1, bptt: int = 70) -> 
 @torch.no_grad()
 def rows_nll(model, data: torch.Tensor, bptt: int = 70) -> torch.Tensor:
     """(rows, length) token ids, each row its own stream -> NLL of tokens 1.. of each row (rows, length - 1)."""
-    model.eval()
-    device = next(model.parameters()).device
-    data = data.to(device)
+    runner = as_runner(model)
     # One preallocated result: keeping many small per-window tensors alive between the
     # large logits buffers fragments glibc's heap (RSS grew by a logits size per window).
     out = torch.empty(data.size(0), data.size(1) - 1)
-    state = None
+    state = runner.init_state(data.size(0))
     for i in range(num_windows(data, bptt)):
         x, y = window(data, i, bptt)
-        features, state = model(x, state)
-        out[:, i * bptt:i * bptt + y.size(1)] = model.loss(features, y, reduction="none").float().cpu()
+        nll, state = runner.nll(x, y, state)
+        out[:, i * bptt:i * bptt + y.size(1)] = nll.cpu()
     return out
+
+
+def heldout_ids(recipe, tokenizer, tokens: int, file: str | None = None) -> list[int]:
+    """The first ``tokens`` tokens of the model's validation split (or of ``file``): the text
+    exports and quantized models are checked on."""
+    from neurallm.data import corpora
+
+    source = file or f"{recipe.data.corpus}/valid"
+    text = corpora.read_text(file) if file else corpora.split_text(recipe.data.corpus, "valid")
+    ids = tokenizer.encode(text[: tokens * 40], source=source) if tokenizer.kind != "char" else \
+        tokenizer.encode("".join(c for c in text[: tokens * 2] if c in tokenizer.index), source=source)
+    if len(ids) < 2:
+        raise NlmError(f"{source}: too little text to check a model on (needs 2 tokens)")
+    return ids[:tokens]
 
 
 def with_boundary(tokenizer, ids: list[int]) -> torch.Tensor:

@@ -143,7 +143,7 @@ def generate(model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, 
     if not prompt_ids:
         raise NlmError("generation needs at least one token to start from")
     engine = Engine(model, slots=1)
-    start = Context(engine.model.init_state(1, engine.device) if state is None else state, prompt_ids[0], 1)
+    start = Context(engine.runner.init_state(1) if state is None else state, prompt_ids[0], 1)
     stream = engine.submit(engine.prefill(prompt_ids[1:], start), max_tokens, sampling)
     stream.rng = rng
     for event in engine.run(stream):

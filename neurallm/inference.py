@@ -19,15 +19,17 @@ from neurallm.errors import NlmError
 @dataclass
 class Loaded:
     name: str
-    model: object
+    model: object  # a runner (runner.py): eager, quantized or exported
     recipe: object
     tokenizer: object
     engine: Engine
 
     @classmethod
     def open(cls, directory, device: str = "cpu", slots: int = 32, name: str | None = None) -> Loaded:
-        model, recipe, tokenizer = checkpoint.load(directory, device=device)
-        return cls(name or Path(directory).resolve().name, model, recipe, tokenizer, Engine(model, slots=slots))
+        runner, recipe, tokenizer = checkpoint.open_runner(directory, device=device)
+        path = Path(str(directory))  # a stored model is named by its store name, a folder by its name
+        name = name or (path.resolve().name if path.is_dir() else str(directory))
+        return cls(name, runner, recipe, tokenizer, Engine(runner, slots=slots))
 
     @property
     def chat(self) -> ChatConfig:

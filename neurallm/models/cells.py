@@ -17,26 +17,26 @@ import torch
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 
-def rnn_step(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity=torch.tanh):
-    """Elman RNN: h' = f(W_ih x + b_ih + W_hh h + b_hh)."""
-    return nonlinearity(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+def rnn_update(gx, gh, nonlinearity=torch.tanh):
+    """Elman RNN: h' = f(W_ih x + b_ih + W_hh h + b_hh), from the two projections."""
+    return nonlinearity(gx + gh)
 
 
-def lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    """LSTM (Hochreiter & Schmidhuber 1997, with a forget gate, Gers et al. 2000).
+def lstm_update(gx, gh, c):
+    """LSTM (Hochreiter & Schmidhuber 1997, with a forget gate, Gers et al. 2000), from
+    gx = W_ih x + b_ih and gh = W_hh h + b_hh, each (batch, 4 * hidden):
 
     i = σ(·), f = σ(·), g = tanh(·), o = σ(·)   (torch's gate order)
     c' = f ⊙ c + i ⊙ g                          the additive cell path that lets gradients flow
     h' = o ⊙ tanh(c')
     """
-    gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh  # (batch, 4 * hidden)
-    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = (gx + gh).chunk(4, dim=1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c = f * c + i * g
     return o * torch.tanh(c), c
 
 
-def gru_step(x, h, w_ih, w_hh, b_ih, b_hh):
+def gru_update(gx, gh, h):
     """GRU (Cho et al. 2014), torch's variant with the reset gate applied after W_hn.
 
     r = σ(W_ir x + b_ir + W_hr h + b_hr)
@@ -44,23 +44,28 @@ def gru_step(x, h, w_ih, w_hh, b_ih, b_hh):
     n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
     h' = (1 - z) ⊙ n + z ⊙ h
     """
-    xr, xz, xn = (x @ w_ih.T + b_ih).chunk(3, dim=1)
-    hr, hz, hn = (h @ w_hh.T + b_hh).chunk(3, dim=1)
+    xr, xz, xn = gx.chunk(3, dim=1)
+    hr, hz, hn = gh.chunk(3, dim=1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
     return (1 - z) * n + z * h
 
 
-def step(cell: str, x, state, weights):
-    """One time step. ``state`` is (parts, batch, hidden): parts 2 (h, c) for LSTM, else 1."""
+def update(cell: str, gx, gh, state):
+    """One time step from the input's and the state's projections (gx, gh: (batch, gates * hidden)).
+    ``state`` is (parts, batch, hidden): parts 2 (h, c) for LSTM, else 1."""
     if cell == "lstm":
-        h, c = lstm_step(x, state[0], state[1], *weights)
-        return torch.stack((h, c))
+        return torch.stack(lstm_update(gx, gh, state[1]))
     if cell == "gru":
-        return gru_step(x, state[0], *weights).unsqueeze(0)
-    nonlinearity = torch.tanh if cell == "rnn_tanh" else torch.relu
-    return rnn_step(x, state[0], *weights, nonlinearity=nonlinearity).unsqueeze(0)
+        return gru_update(gx, gh, state[0]).unsqueeze(0)
+    return rnn_update(gx, gh, torch.tanh if cell == "rnn_tanh" else torch.relu).unsqueeze(0)
+
+
+def step(cell: str, x, state, weights):
+    """One time step of a cell with torch's weights (w_ih, w_hh, b_ih, b_hh)."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    return update(cell, x @ w_ih.T + b_ih, state[0] @ w_hh.T + b_hh, state)
 
 
 def run(cell: str, x, state, weights, reverse: bool = False):

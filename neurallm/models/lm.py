@@ -98,6 +98,8 @@ class RNNLM(nn.Module):
         return self.stack.init_state(batch, device=device or self.embedding.weight.device)
 
     def embed(self, ids):
+        if not isinstance(self.embedding, nn.Embedding):  # a quantized table (quantize.py): no dropout
+            return self.embedding(ids)
         weight = self.embedding.weight
         p = self.cfg.dropout_emb
         if self.training and p:

@@ -227,8 +227,8 @@ def engine_run(engine, context, tokens: int, batch: int, sampling, seed: int = 0
 def check_reference(lm, ref: Reference, ids: list[int]) -> float:
     """Max |difference| of the log-probabilities, ours (model(ids), model.log_probs) against the reference's."""
     with torch.no_grad():
-        features, _ = lm.model(torch.tensor([ids]))
-        ours = lm.model.log_probs(features)
+        features, _ = lm.model.model(torch.tensor([ids]))
+        ours = lm.model.model.log_probs(features)
         theirs, _ = ref(torch.tensor([ids]))
     diff = float((ours - theirs).abs().max())
     if not diff <= 1e-4:
@@ -243,7 +243,7 @@ def measure_model(name: str, path: str, args) -> dict:
 
     lm = Loaded.open(ROOT / path, slots=1)
     cfg = json.loads((ROOT / path / "config.json").read_text())
-    ref = reference_from(cfg, lm.model.state_dict())
+    ref = reference_from(cfg, lm.model.model.state_dict())
     probe = lm.encode(WORD_PROMPT, "probe")[:24]
     diff = check_reference(lm, ref, [lm.tokenizer.boundary] + probe)
     one, many = lm.engine, Engine(lm.model, slots=32)

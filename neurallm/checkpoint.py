@@ -156,6 +156,18 @@ def _recipe_and_tokenizer(directory: Path, data: dict):
     return recipe, tokenizer
 
 
+def check_out(out: Path, source: Path, kind: str) -> None:
+    """An --out for a new ``kind`` ("export" or "quantization") checkpoint: a new folder, or one holding
+    an earlier result of the same kind (replaced whole); never the source, nor a training run."""
+    if out.resolve() == source.resolve():
+        raise NlmError(f"--out {out}: is the checkpoint being read; pick a new folder")
+    if out.exists():
+        config = read_json(out / "config.json") if (out / "config.json").is_file() else None
+        if not isinstance(config, dict) or kind not in config:
+            raise NlmError(f"--out {out}: exists and is not an earlier {'export' if kind == 'export' else 'quantized'} "
+                           f"checkpoint (it would be replaced whole); pick a new folder")
+
+
 def open_runner(directory, device: str = "cpu"):
     """Any kind of checkpoint, ready to decode and score: -> (runner, recipe, tokenizer).
     An LM or a quantized checkpoint runs in PyTorch; an export in its own runtime."""

@@ -217,7 +217,7 @@ def cmd_models(args, _) -> int:
     if args.action == "list":
         rows = store.entries()
         if args.json:
-            _emit({"home": str(store.home()), "models": rows}, True, [])
+            _emit({"home": str(store.home()), "models": [{**r, "path": str(r["path"])} for r in rows]}, True, [])
         else:
             print("\n".join(store.format_table(rows)) if rows else f"no stored models in {store.models_dir()}")
         return 0

@@ -47,33 +47,21 @@ BUDGET_FP32 = {"max_logit_diff": 1e-4, "max_ppl_rel_diff": 1e-4}
 
 # ---- the three functions, as modules to trace ---------------------------------------------------
 
-class Step(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+class Function(nn.Module):
+    """One of a model's three functions, as a module to trace (``name``: step, prefill or head)."""
 
-    def forward(self, ids, state):
+    def __init__(self, model, name: str):
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, *args):
+        if self.name == "head":
+            return self.model.log_probs(args[0])
+        if self.name == "prefill":
+            return self.model(*args)
         # reference=True: the written-out cell (two matmuls a layer), not a fused call per token
-        features, state = self.model(ids, state, reference=True)
+        features, state = self.model(*args, reference=True)
         return head_of(self.model, features[:, 0]), state
-
-
-class Prefill(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, state):
-        return self.model(ids, state)
-
-
-class Head(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, features):
-        return self.model.log_probs(features)
 
 
 def head_of(model, features):
@@ -117,7 +105,9 @@ def _write(fmt: str, name: str, module: nn.Module, args: tuple, path: Path) -> N
             batch, time_ = torch.export.Dim("batch", min=1), torch.export.Dim("time", min=1)
             shapes = {"step": ({0: batch}, {3: batch}), "prefill": ({0: batch}, {3: batch}),
                       "head": ({0: batch, 1: time_},)}[name]
-            torch.export.save(torch.export.export(module, args, dynamic_shapes=shapes, strict=False), str(path))
+            # forward(*args): its shapes are one tuple
+            program = torch.export.export(module, args, dynamic_shapes=(shapes,), strict=False)
+            torch.export.save(program, str(path))
 
 
 # ---- running an export --------------------------------------------------------------------------
@@ -289,9 +279,10 @@ def export(source, fmt: str, out, verify_tokens: int = 2000, verify_file: str | 
     The files are written into a temporary directory beside ``out``, loaded back and verified
     against the eager model; only an export within budget is moved into place (replacing ``out``
     whole). A quantized checkpoint exports to ONNX: its weights as they are (the int4 and bf16
-    values exactly, in fp32), and its int8 parts through onnxruntime's dynamic int8 operators,
-    whose activation rounding differs from fbgemm's: such an export is held to a perplexity
-    budget against the quantized model (1% unless given), not to the fp32 logit budget."""
+    values exactly, in fp32), and its int8 parts through onnxruntime's dynamic int8 operators.
+    Its activations are rounded differently there (int8: onnxruntime's rounding, not fbgemm's;
+    int4: fp32, not bf16), so such an export is held to a perplexity budget against the quantized
+    model (1% unless given), not to the fp32 logit budget."""
     from neurallm.evaluate import heldout_ids
 
     if fmt not in FORMATS:
@@ -305,15 +296,16 @@ def export(source, fmt: str, out, verify_tokens: int = 2000, verify_file: str | 
     directory, config = checkpoint.describe(source)
     model, recipe, tokenizer = checkpoint.load(directory)
     plan = config.get("quantization")
-    int8 = bool(plan) and "int8" in plan["parts"].values()
     if plan and fmt != "onnx":
         raise NlmError(f"{directory}: a quantized checkpoint exports to ONNX only (--format onnx)")
-    budget = {"max_logit_diff": None if int8 else BUDGET_FP32["max_logit_diff"],
+    # A quantized model computes with reduced activations (int8: fbgemm's rounding, not onnxruntime's;
+    # int4: bf16), so its export is held to a perplexity budget, not to fp32's logit budget.
+    budget = {"max_logit_diff": None if plan else BUDGET_FP32["max_logit_diff"],
               "max_ppl_rel_diff": max_ppl_rel_diff if max_ppl_rel_diff is not None else
-              (0.01 if int8 else BUDGET_FP32["max_ppl_rel_diff"])}
+              (0.01 if plan else BUDGET_FP32["max_ppl_rel_diff"])}
+    int8 = bool(plan) and "int8" in plan["parts"].values()
     out = Path(out)
-    if out.exists() and not (out / "config.json").is_file():
-        raise NlmError(f"{out}: exists and is not a checkpoint directory; pick a new --out")
+    checkpoint.check_out(out, directory, "export")
     ids = heldout_ids(recipe, tokenizer, verify_tokens, verify_file)
     eager = EagerRunner(model)
     plain = quantize.widened(model) if plan else model
@@ -322,9 +314,9 @@ def export(source, fmt: str, out, verify_tokens: int = 2000, verify_file: str | 
     try:
         files = {}
         examples = _examples(plain, fmt)
-        for name, module in (("step", Step(plain)), ("prefill", Prefill(plain)), ("head", Head(plain))):
+        for name in FUNCTIONS:
             path = tmp / f"{name}{FORMATS[fmt]}"
-            _write(fmt, name, module.eval(), examples[name], path)
+            _write(fmt, name, Function(plain, name).eval(), examples[name], path)
             if int8:
                 quantize.onnx_int8(path, plan["parts"])
             files[name] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}

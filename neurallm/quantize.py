@@ -302,8 +302,8 @@ def plan_of(model, scheme: str | None = None, recipe: dict | None = None, source
     scheme = recipe.get("scheme", scheme)
     if scheme not in SCHEMES:
         raise NlmError(f"{source}: scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
-    group = recipe.get("group_size", 64)
-    if group not in GROUP_SIZES:
+    group = recipe.get("group_size")
+    if group is not None and group not in GROUP_SIZES:
         raise NlmError(f"{source}: group_size {group!r} (expected one of {', '.join(map(str, GROUP_SIZES))})")
     layers = [f"stack.{i}" for i in range(model.cfg.num_layers)]
     base = SCHEMES[scheme]
@@ -320,13 +320,17 @@ def plan_of(model, scheme: str | None = None, recipe: dict | None = None, source
                            f"{', '.join(layers)}, decoder)")
         for name in names:
             parts[name] = precision
-    if "int4" in parts.values():
-        widths = {"embedding": model.cfg.emb_size, "decoder": _decoder_inputs(model)}
-        widths.update({name: min(layer.rnn.input_size, layer.rnn.hidden_size)
-                       for name, layer in zip(layers, model.stack.layers)})
-        for part, precision in parts.items():
-            if precision == "int4" and group > _padded(widths[part], group):
-                raise NlmError(f"{source}: group_size {group} is larger than {part}'s rows ({widths[part]})")
+    widths = {"embedding": model.cfg.emb_size, "decoder": _decoder_inputs(model)}
+    widths.update({name: min(layer.rnn.input_size, layer.rnn.hidden_size)
+                   for name, layer in zip(layers, model.stack.layers)})
+    # a group may pad a row up to the smallest group size, no further (the rest would be all zeros)
+    most = min((_padded(widths[part], GROUP_SIZES[0]) for part, p in parts.items() if p == "int4"), default=256)
+    if group is None:
+        group = max(g for g in GROUP_SIZES if g <= min(64, most))  # 64 unless a row is narrower
+    for part, precision in parts.items():
+        if precision == "int4" and group > _padded(widths[part], GROUP_SIZES[0]):
+            raise NlmError(f"{source}: group_size {group} is larger than {part}'s rows ({widths[part]} values; "
+                           f"at most {_padded(widths[part], GROUP_SIZES[0])})")
     return {"scheme": scheme, "group_size": group, "parts": parts}
 
 
@@ -399,7 +403,11 @@ def widened(model):
     what an ONNX export of it traces."""
     from neurallm.models.lm import RNNLM
 
+    from neurallm.checkpoint import tied
+
     plain = RNNLM(model.cfg).eval()
+    if model.cfg.tie_weights and not tied(model):  # the two parts were quantized apart: each keeps its values
+        plain.decoder.weight = nn.Parameter(plain.decoder.weight.detach().clone())
     with torch.no_grad():
         plain.load_state_dict(model.state_dict(), strict=False)  # the parts left in fp32 (names agree)
         if isinstance(model.embedding, QuantEmbedding):
@@ -470,8 +478,7 @@ def quantize_checkpoint(source, scheme: str | None, out, recipe_file: str | None
     plan = plan_of(model, scheme, read_recipe(recipe_file) if recipe_file else None, recipe_file or "--scheme")
     limit = BUDGETS[plan["scheme"]] if max_increase is None else max_increase
     out = Path(out)
-    if out.exists() and not (out / "config.json").is_file():
-        raise NlmError(f"{out}: exists and is not a checkpoint directory; pick a new --out")
+    checkpoint.check_out(out, directory, "quantization")
     stream = torch.tensor([tokenizer.boundary] + heldout_ids(recipe, tokenizer, tokens))
     before = math.exp(rows_nll(model, stream.unsqueeze(0)).double().mean().item())
     quantized = apply(copy.deepcopy(model), plan)

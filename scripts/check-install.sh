@@ -66,6 +66,17 @@ run="$work/run"
   if "$nlm" serve "$run" 2> "$work/serve.err"; then exit 1; fi
   grep -q "pip install 'neurallm\[serve\]'" "$work/serve.err"
   "$nlm" data list > /dev/null
+  # Quantized and TorchScript / pt2 exports need torch alone; ONNX says which extra it needs.
+  "$nlm" quantize "$run" --scheme int8 --out "$work/q8" --tokens 200 --max-increase 100
+  "$nlm" generate "$work/q8" --prompt "ROMEO:" --max-tokens 10 > /dev/null
+  "$nlm" export "$run" --format torchscript --out "$work/ts" --verify-tokens 100
+  "$nlm" eval "$work/ts" --split test --json > /dev/null
+  if "$nlm" export "$run" --format onnx --out "$work/onnx" 2> "$work/onnx.err"; then exit 1; fi
+  grep -q "pip install 'neurallm\[export\]'" "$work/onnx.err"
+  # The model store: a short name wherever a checkpoint path goes.
+  NLM_HOME="$work/home" "$nlm" models add "$run" tiny
+  NLM_HOME="$work/home" "$nlm" generate tiny --max-tokens 5 > /dev/null
+  NLM_HOME="$work/home" "$nlm" models list
   # Byte-level BPE (tokenizers' DecodeStream streams its output) and the progress bar (tqdm).
   "$nlm" train ptb-small --out "$work/bpe" --max-steps 2 --no-progress --data.corpus="$corpus" \
     --data.tokenizer=bpe --data.bpe_vocab_size=300 --model.hidden_size=16 --model.emb_size=16 \
@@ -111,6 +122,10 @@ EOF
   if [ "$extra" = plots ]; then  # and what the extra is for works
     "$xpy" -c "import sys; from neurallm.plots import training_curves; assert training_curves(*sys.argv[1:])" \
       "$run/metrics.jsonl" "$work/curves.png"
+  fi
+  if [ "$extra" = export ]; then  # an ONNX export, verified, then run by onnxruntime
+    "$xpy" -m neurallm export "$run" --format onnx --out "$work/onnx" --verify-tokens 100
+    "$xpy" -m neurallm generate "$work/onnx" --prompt "ROMEO:" --max-tokens 10 > /dev/null
   fi
   if [ "$extra" = serve ]; then
     port=$("$xpy" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

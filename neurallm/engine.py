@@ -25,6 +25,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+
 from neurallm.errors import NlmError
 from neurallm.generate import Sampling, choose
 from neurallm.runner import as_runner

@@ -63,16 +63,20 @@ def choose(logits: torch.Tensor, settings: list[Sampling], rngs: list[torch.Gene
     its edge) the row takes ``distribution``'s full sort. Which way a row goes depends on that row
     alone, so its token does not depend on the other rows."""
     logits = logits.float().cpu()  # (n, V): the draws and their bookkeeping live on the CPU
-    out = logits.argmax(-1)
     hot = [i for i, s in enumerate(settings) if s.temperature > 0]
+    if len(hot) < len(settings):
+        out = logits.argmax(-1)
+    else:
+        out = torch.empty(len(settings), dtype=torch.long)
     if not hot:
         return out
     u = torch.tensor([float(torch.rand((), generator=rngs[i], dtype=torch.float64)) for i in hot])
-    rows = logits[hot]
+    rows = logits if len(hot) == len(settings) else logits[hot]  # (no copy when every row samples)
     hs = [settings[i] for i in hot]
-    # float32: a temperature below 1e-30 acts as 1e-30 (already greedy for any real gap between logits)
+    # float32: a temperature below 1e-30 acts as 1e-30 (already greedy for any real gap between logits).
+    # softmax subtracts each row's max itself, so the best token stays at 0 even as t -> 0.
     t = rows.new_tensor([max(s.temperature, 1e-30) for s in hs]).unsqueeze(1)
-    x = (rows - rows.max(-1, keepdim=True).values) / t  # the best token stays at 0, even as t -> 0
+    x = rows / t if any(s.temperature != 1 for s in hs) else rows
     vocab = x.size(-1)
     windows = [(s.top_k if 0 < s.top_k < vocab else CANDIDATES if s.top_p < 1 else 0) for s in hs]
     drawn = torch.empty(len(hot), dtype=torch.long)
@@ -80,10 +84,12 @@ def choose(logits: torch.Tensor, settings: list[Sampling], rngs: list[torch.Gene
     exact = []
     cut = [r for r, w in enumerate(windows) if w]
     if cut:
+        x = x - x.max(-1, keepdim=True).values  # the windows compare values at their edges: keep the best at 0
         exact = _draw_in_windows(x[cut], [windows[r] for r in cut], [hs[r] for r in cut], u[cut], drawn, cut)
-    if plain:
-        cdf = torch.softmax(x[plain], -1).cumsum(-1)
-        drawn[plain] = _invert(cdf, u[plain])
+    if len(plain) == len(hs):  # (the common case of one plain row: no gathers)
+        drawn = _invert(torch.softmax(x, -1).cumsum(-1), u)
+    elif plain:
+        drawn[plain] = _invert(torch.softmax(x[plain], -1).cumsum(-1), u[plain])
     for r in exact:  # the full sort, in float64
         cdf = distribution(logits[hot[r]], hs[r]).cumsum(-1)
         drawn[r] = _invert(cdf.unsqueeze(0), u[r:r + 1])[0]
@@ -127,7 +133,10 @@ def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rounds to 1 in float32 lands on the last position with mass, never past it (a cut-off token)."""
     total = cdf[:, -1:]
     found = torch.searchsorted(cdf, u.to(cdf.dtype).unsqueeze(1) * total, right=True).squeeze(1)
-    return torch.minimum(found, (cdf < total).sum(-1))
+    past = found >= cdf.size(-1)  # only where u * total rounded up to the total itself
+    if past.any():
+        found[past] = (cdf[past] < total[past]).sum(-1)
+    return found
 
 
 def generate(model, prompt_ids: list[int], max_tokens: int, sampling: Sampling, rng: torch.Generator,

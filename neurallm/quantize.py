@@ -27,6 +27,7 @@ so bf16 saves disk, not time.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -443,8 +444,13 @@ def onnx_int8(path: Path, parts: dict) -> None:
     if not nodes:
         return
     quantized = path.with_name(path.stem + ".int8" + path.suffix)
-    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "LSTM", "GRU"])
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process (shape inference) is for CNNs
+    try:
+        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "LSTM", "GRU"])
+    finally:
+        root.level = level
     quantized.replace(path)
 
 

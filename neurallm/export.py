@@ -25,6 +25,7 @@ torch uses for step and head but one for prefill (``_ort_threads`` says why).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -48,11 +49,20 @@ BUDGET_FP32 = {"max_logit_diff": 1e-4, "max_ppl_rel_diff": 1e-4}
 # ---- the three functions, as modules to trace ---------------------------------------------------
 
 class Function(nn.Module):
-    """One of a model's three functions, as a module to trace (``name``: step, prefill or head)."""
+    """One of a model's three functions, as a module to trace (``name``: step, prefill or head).
+    It holds only the parts that function reads (TorchScript and torch.export save every weight
+    of the traced module, used or not: a prefill file would carry the output layer too)."""
+
+    UNUSED = {"step": (), "prefill": ("decoder",), "head": ("embedding", "stack", "proj")}
 
     def __init__(self, model, name: str):
         super().__init__()
-        self.model, self.name = model, name
+        if name == "step":
+            model = _step_layout(model)
+        trimmed = copy.copy(model)  # a shallow copy: the same weights, its own table of parts
+        trimmed._modules = {k: (nn.Identity() if k in self.UNUSED[name] and v is not None else v)
+                            for k, v in model._modules.items()}
+        self.model, self.name = trimmed, name
 
     def forward(self, *args):
         if self.name == "head":
@@ -62,6 +72,20 @@ class Function(nn.Module):
         # reference=True: the written-out cell (two matmuls a layer), not a fused call per token
         features, state = self.model(*args, reference=True)
         return head_of(self.model, features[:, 0]), state
+
+
+def _step_layout(model):
+    """A copy whose matrices are stored transposed (same values and shapes): the step reads
+    ``x @ w.T``, and with ``w.T`` contiguous TorchScript and torch.export run a matrix-vector
+    kernel ~5x faster at batch 1 here than on torch's (out, in) layout. (onnxruntime picks its
+    own layout; the values it is given are the same.)"""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in [*model.stack.layers, model.decoder]:
+            for parameter in module.parameters(recurse=True):
+                if parameter.dim() == 2:
+                    parameter.data = parameter.data.t().contiguous().t()
+    return model
 
 
 def head_of(model, features):

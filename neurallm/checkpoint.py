@@ -214,7 +214,8 @@ def load(directory, device: str = "cpu"):
                        f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
-            raise NlmError(f"{directory / 'model.safetensors'}: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
-                           f"config.json implies {tuple(expected[name].shape)} {expected[name].dtype}")
+            raise NlmError(f"{directory / 'model.safetensors'}: {name} has shape {tuple(tensor.shape)} "
+                           f"({tensor.dtype}), config.json implies {tuple(expected[name].shape)} "
+                           f"({expected[name].dtype})")
     model.load_state_dict(state, strict=False)
     return model.to(runtime.pick_device(device)).eval(), recipe, tokenizer

@@ -88,7 +88,7 @@ def make_variants(source: str, work: Path) -> dict:
     made = {}
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        made[variant] = _make(variant, source, work, print)
+        made[variant] = _make(variant, source, work, print, made)
         print(f"{variant}: made in {time.perf_counter() - t0:.1f} s", flush=True)
     return made
 

@@ -69,8 +69,9 @@ def bench_generate(checkpoint, prompt: str, max_tokens: int, sampling: Sampling,
 VARIANTS = ("eager", "onnx", "torchscript", "pt2", "int8", "int4-weight", "bf16", "int8-onnx")
 
 
-def _make(variant: str, source, work: Path, progress) -> Path:
-    """The variant's checkpoint directory under ``work`` (made now; quantized ones with no budget)."""
+def _make(variant: str, source, work: Path, progress, made: dict | None = None) -> Path:
+    """The variant's checkpoint directory under ``work`` (made now; quantized ones with no budget;
+    int8-onnx from the int8 variant made in this run, else a new one)."""
     from neurallm.export import export
     from neurallm.quantize import quantize_checkpoint
     from neurallm.store import resolve
@@ -82,7 +83,7 @@ def _make(variant: str, source, work: Path, progress) -> Path:
     if variant in ("onnx", "torchscript", "pt2"):
         export(source, variant, target, progress=quiet)
     elif variant == "int8-onnx":
-        int8 = work / "int8" if (work / "int8").is_dir() else _make("int8", source, work, progress)
+        int8 = (made or {}).get("int8") or _make("int8", source, work, progress)
         export(int8, "onnx", target, max_ppl_rel_diff=math.inf, progress=quiet)
     else:
         quantize_checkpoint(source, variant, target, max_increase=math.inf, progress=quiet)
@@ -115,13 +116,13 @@ def bench_variants(source, variants: list[str], tokens: int = 200, eval_tokens: 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise NlmError(f"--variants: unknown {', '.join(unknown)} (expected some of {', '.join(VARIANTS)})")
-    rows = []
+    rows, made = [], {}
     with tempfile.TemporaryDirectory(prefix="nlm-bench-") as scratch:
         base = Path(work or scratch)
         base.mkdir(parents=True, exist_ok=True)
         for variant in variants:
             progress(f"{variant}: preparing")
-            directory = _make(variant, source, base, progress)
+            directory = made[variant] = _make(variant, source, base, progress, made)
             runner, recipe, tokenizer = checkpoint.open_runner(directory)
             ids = heldout_ids(recipe, tokenizer, eval_tokens)
             nll = rows_nll(runner, torch.tensor([tokenizer.boundary] + ids).unsqueeze(0)).double().mean().item()

@@ -7,9 +7,11 @@ directory also holds metrics.jsonl, curves.png and resume/ (the state --resume n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -51,6 +53,23 @@ def replace_dir(tmp: Path, target: Path) -> None:
     _sync(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """Build a new checkpoint directory in a temporary sibling of ``out``: it replaces ``out`` whole
+    when the block ends, and is removed, leaving ``out`` as it was, when the block fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the result from other users
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def recover_dir(target: Path) -> None:
@@ -185,6 +204,20 @@ def open_runner(directory, device: str = "cpu"):
     return EagerRunner(model), recipe, tokenizer
 
 
+def _check_weights(path: Path, expected) -> None:
+    """A quantized checkpoint records its weights' size and sha256 (a flipped byte of int8 data
+    would otherwise load as a slightly different model)."""
+    from neurallm.data.corpora import sha256
+
+    if expected is None:  # written before the checksum was recorded
+        return
+    if not (isinstance(expected, dict) and isinstance(expected.get("bytes"), int)
+            and isinstance(expected.get("sha256"), str)):
+        raise NlmError(f"{path.parent / 'config.json'}: quantization.weights is malformed (expected bytes and sha256)")
+    if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
+        raise NlmError(f"{path}: does not match the sha256 in config.json (cut short or altered); quantize again")
+
+
 def load(directory, device: str = "cpu"):
     """-> (model in eval mode, recipe, tokenizer): a trained or a quantized checkpoint (its layers
     swapped for quantized ones). Clear errors for a missing file or a mismatched shape."""
@@ -199,7 +232,10 @@ def load(directory, device: str = "cpu"):
     recipe, tokenizer = _recipe_and_tokenizer(directory, data)
     model = RNNLM(recipe.model)
     if "quantization" in data:
+        if device != "cpu":
+            raise NlmError(f"{directory}: a quantized checkpoint runs on the CPU here (--device cpu)")
         quantize.prepare(model, data["quantization"], str(directory / "config.json"))
+        _check_weights(directory / "model.safetensors", data["quantization"].get("weights"))
     try:
         state = load_file(str(directory / "model.safetensors"))
     except (SafetensorError, OSError) as e:

@@ -203,11 +203,13 @@ def cmd_quantize(args, _) -> int:
         raise NlmError("nlm quantize: give --scheme or --recipe")
     record = quantize_checkpoint(args.checkpoint, args.scheme, args.out, recipe_file=args.recipe,
                                  max_increase=None if args.max_increase is None else args.max_increase / 100,
-                                 tokens=args.tokens, progress=(lambda _: None) if args.json else print)
+                                 tokens=args.tokens, verify_file=args.verify_file,
+                                 progress=(lambda _: None) if args.json else print)
     v = record["validation"]
+    budget = "none" if v["budget"] is None else f"{100 * v['budget']:g}%"
     _emit({"out": args.out, **record}, args.json, [
         f"wrote {args.out}: {v['bytes'] / 1e6:.2f} MB on disk ({v['bytes'] / v['bytes_fp32']:.0%} of fp32), "
-        f"perplexity {100 * v['increase']:+.3f}% (budget {100 * v['budget']:g}%)"])
+        f"perplexity {100 * v['increase']:+.3f}% (budget {budget})"])
     return 0
 
 
@@ -407,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-increase", type=float, metavar="PCT",
                    help="refuse a perplexity rise above this, in percent (default: int8 2, int4-weight 5, bf16 0.5)")
     p.add_argument("--tokens", type=positive, default=20000, help="held-out tokens the perplexity is measured on")
+    p.add_argument("--verify-file", help="measure on this text instead of the model's validation split")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)
 

@@ -26,11 +26,9 @@ torch uses for step and head but one for prefill (``_ort_threads`` says why).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import torch
 from torch import nn
 
 from neurallm import checkpoint, quantize
+from neurallm.data.corpora import sha256
 from neurallm.errors import NlmError
 from neurallm.runner import EagerRunner
 
@@ -141,7 +140,10 @@ def _ort_threads(name: str) -> int:
     layer) run ~2x faster on both cores; a prefill's recurrent operator walks time in order, and a
     second thread only slows it (~1.5x). NLM_ORT_THREADS overrides both."""
     if os.environ.get("NLM_ORT_THREADS"):
-        return int(os.environ["NLM_ORT_THREADS"])
+        value = os.environ["NLM_ORT_THREADS"]
+        if not value.isdigit() or int(value) < 1:
+            raise NlmError(f"NLM_ORT_THREADS={value!r}: expected an integer >= 1")
+        return int(value)
     return 1 if name == "prefill" else torch.get_num_threads()
 
 
@@ -236,25 +238,26 @@ class ExportedRunner:
         return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float(), state
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def open_export(directory: Path, record: dict, recipe) -> ExportedRunner:
     """Check every file against its recorded size and sha256, then load the three functions."""
+    where = directory / "config.json"
     if not isinstance(record, dict) or record.get("format") not in FORMATS or \
             not isinstance(record.get("files"), dict) or set(record["files"]) != set(FUNCTIONS):
-        raise NlmError(f"{directory / 'config.json'}: 'export' record is malformed "
+        raise NlmError(f"{where}: 'export' record is malformed "
                        f"(expected format one of {', '.join(FORMATS)} and files {', '.join(FUNCTIONS)})")
+    for key, kind in (("source_hash", str), ("step_bytes", int), ("embedding_row_bytes", int)):
+        if not isinstance(record.get(key), kind):
+            raise NlmError(f"{where}: 'export' record lacks {key} ({kind.__name__})")
+    for name, entry in record["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry["file"] == Path(entry["file"]).name
+                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            raise NlmError(f"{where}: export.files.{name} is malformed (expected a file name in this folder, "
+                           f"its bytes and sha256)")
     for name, entry in record["files"].items():
         path = directory / entry["file"]
         if not path.is_file():
             raise NlmError(f"{path}: missing (the export's {name} function)")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
             raise NlmError(f"{path}: does not match the sha256 in config.json (cut short or altered); "
                            f"export the model again")
     return ExportedRunner(directory, record, recipe)
@@ -336,9 +339,7 @@ def export(source, fmt: str, out, verify_tokens: int = 2000, verify_file: str | 
     ids = heldout_ids(recipe, tokenizer, verify_tokens, verify_file)
     eager = EagerRunner(model)
     plain = quantize.widened(model) if plan else model
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with checkpoint.staged(out) as tmp:
         files = {}
         examples = _examples(plain, fmt)
         for name in FUNCTIONS:
@@ -346,11 +347,13 @@ def export(source, fmt: str, out, verify_tokens: int = 2000, verify_file: str | 
             _write(fmt, name, Function(plain, name).eval(), examples[name], path)
             if int8:
                 quantize.onnx_int8(path, plan["parts"])
-            files[name] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            files[name] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
+        held = EagerRunner(quantize.int8_only(plain, plan) if int8 else plain)  # what the files hold
         record = {"format": fmt, "files": files, "source_hash": eager.model_hash,
-                  "step_bytes": eager.step_bytes(0), "embedding_row_bytes": eager.step_bytes(1) - eager.step_bytes(0)}
+                  "step_bytes": held.step_bytes(0), "embedding_row_bytes": held.step_bytes(1) - held.step_bytes(0)}
         report = compare(eager, ExportedRunner(tmp, record, recipe), ids, tokenizer.boundary)
-        record["verified"] = {**report, "text": verify_file or f"{recipe.data.corpus}/valid", "budget": budget}
+        record["verified"] = {**report, "text": verify_file or f"{recipe.data.corpus}/valid",
+                              "budget": {k: v if v is None or math.isfinite(v) else None for k, v in budget.items()}}
         progress(f"verified on {report['tokens']} held-out tokens: largest logit difference "
                  f"{report['max_logit_diff']:.3g}, perplexity {report['perplexity']:.4f} vs eager "
                  f"{report['perplexity_eager']:.4f} ({100 * report['ppl_rel_diff']:.5f}%)")
@@ -359,8 +362,4 @@ def export(source, fmt: str, out, verify_tokens: int = 2000, verify_file: str | 
             raise NlmError(f"export to {fmt} refused, over its budget: {'; '.join(broken)}; nothing was written")
         shutil.copy2(directory / "tokenizer.json", tmp / "tokenizer.json")
         checkpoint.write_json(tmp / "config.json", {**config, "export": record})
-        checkpoint.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record

@@ -74,9 +74,13 @@ def choose(logits: torch.Tensor, settings: list[Sampling], rngs: list[torch.Gene
     rows = logits if len(hot) == len(settings) else logits[hot]  # (no copy when every row samples)
     hs = [settings[i] for i in hot]
     # float32: a temperature below 1e-30 acts as 1e-30 (already greedy for any real gap between logits).
-    # softmax subtracts each row's max itself, so the best token stays at 0 even as t -> 0.
-    t = rows.new_tensor([max(s.temperature, 1e-30) for s in hs]).unsqueeze(1)
-    x = rows / t if any(s.temperature != 1 for s in hs) else rows
+    # The best token is put at 0 before dividing, as distribution() does, so the rounding stays that of
+    # the gaps, not of the logits / t; at temperature 1 softmax subtracts the max itself.
+    if any(s.temperature != 1 for s in hs):
+        t = rows.new_tensor([max(s.temperature, 1e-30) for s in hs]).unsqueeze(1)
+        x = (rows - rows.max(-1, keepdim=True).values) / t
+    else:
+        x = rows
     vocab = x.size(-1)
     windows = [(s.top_k if 0 < s.top_k < vocab else CANDIDATES if s.top_p < 1 else 0) for s in hs]
     drawn = torch.empty(len(hot), dtype=torch.long)
@@ -84,7 +88,7 @@ def choose(logits: torch.Tensor, settings: list[Sampling], rngs: list[torch.Gene
     exact = []
     cut = [r for r, w in enumerate(windows) if w]
     if cut:
-        x = x - x.max(-1, keepdim=True).values  # the windows compare values at their edges: keep the best at 0
+        x = x - x.max(-1, keepdim=True).values  # (at temperature 1 not yet done) the best token at 0
         exact = _draw_in_windows(x[cut], [windows[r] for r in cut], [hs[r] for r in cut], u[cut], drawn, cut)
     if len(plain) == len(hs):  # (the common case of one plain row: no gathers)
         drawn = _invert(torch.softmax(x, -1).cumsum(-1), u)

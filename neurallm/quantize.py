@@ -301,10 +301,10 @@ def plan_of(model, scheme: str | None = None, recipe: dict | None = None, source
     if unknown:
         raise NlmError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} (expected {', '.join(sorted(RECIPE_KEYS))})")
     scheme = recipe.get("scheme", scheme)
-    if scheme not in SCHEMES:
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise NlmError(f"{source}: scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
     group = recipe.get("group_size")
-    if group is not None and group not in GROUP_SIZES:
+    if group is not None and (type(group) is not int or group not in GROUP_SIZES):
         raise NlmError(f"{source}: group_size {group!r} (expected one of {', '.join(map(str, GROUP_SIZES))})")
     layers = [f"stack.{i}" for i in range(model.cfg.num_layers)]
     base = SCHEMES[scheme]
@@ -427,6 +427,15 @@ def widened(model):
     return plain
 
 
+def int8_only(plain, plan: dict):
+    """A copy of an fp32 model with only the plan's int8 parts quantized: what an int8 ONNX export
+    holds (its int4 and bf16 parts are fp32 there), for counting the bytes a step reads."""
+    import copy
+
+    parts = {k: (v if v == "int8" else "fp32") for k, v in plan["parts"].items()}
+    return apply(copy.deepcopy(plain), {**plan, "parts": parts})
+
+
 def onnx_int8(path: Path, parts: dict) -> None:
     """Rewrite an exported ONNX file with onnxruntime's dynamic int8 operators (per-channel int8
     weights; MatMulInteger, DynamicQuantizeLSTM) for the nodes of the parts planned int8."""
@@ -437,7 +446,10 @@ def onnx_int8(path: Path, parts: dict) -> None:
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         if node.op_type not in ("MatMul", "LSTM", "GRU"):
             continue
-        # a node inside recurrent layer i is named ".../layers.i/..."; any other matrix is the output layer's
+        # a node inside recurrent layer i is named ".../layers.i/..."; the projection and highway gates
+        # stay fp32 (as in eager); any other matrix is the output layer's
+        if "/proj" in node.name or "/highways" in node.name:
+            continue
         part = next((f"stack.{i}" for i in range(len(parts)) if f"/layers.{i}/" in node.name), "decoder")
         if parts.get(part) == "int8":
             nodes.append(node.name)
@@ -460,7 +472,8 @@ BUDGETS = {"int8": 0.02, "int4-weight": 0.05, "bf16": 0.005}  # largest relative
 
 
 def quantize_checkpoint(source, scheme: str | None, out, recipe_file: str | None = None,
-                        max_increase: float | None = None, tokens: int = 20000, progress=print) -> dict:
+                        max_increase: float | None = None, tokens: int = 20000, verify_file: str | None = None,
+                        progress=print) -> dict:
     """Quantize ``source`` into the checkpoint directory ``out``; -> the quantization record.
 
     The result is written to a temporary directory, loaded back as every verb loads it, and
@@ -468,11 +481,11 @@ def quantize_checkpoint(source, scheme: str | None, out, recipe_file: str | None
     (``max_increase``, relative) it is refused and nothing is written."""
     import copy
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
     from neurallm import checkpoint
+    from neurallm.data.corpora import sha256
     from neurallm.evaluate import heldout_ids, rows_nll
     from neurallm.runner import weights_hash
 
@@ -485,23 +498,23 @@ def quantize_checkpoint(source, scheme: str | None, out, recipe_file: str | None
     limit = BUDGETS[plan["scheme"]] if max_increase is None else max_increase
     out = Path(out)
     checkpoint.check_out(out, directory, "quantization")
-    stream = torch.tensor([tokenizer.boundary] + heldout_ids(recipe, tokenizer, tokens))
+    stream = torch.tensor([tokenizer.boundary] + heldout_ids(recipe, tokenizer, tokens, verify_file))
     before = math.exp(rows_nll(model, stream.unsqueeze(0)).double().mean().item())
     quantized = apply(copy.deepcopy(model), plan)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with checkpoint.staged(out) as tmp:
         checkpoint.atomic_write(tmp / "model.safetensors",
                                 lambda p: save_file(checkpoint.tensors_of(quantized), str(p)))
-        record = {**plan, "source_hash": weights_hash(model)}
+        weights = tmp / "model.safetensors"
+        record = {**plan, "source_hash": weights_hash(model),
+                  "weights": {"bytes": weights.stat().st_size, "sha256": sha256(weights)}}
         checkpoint.write_json(tmp / "config.json", {**config, "quantization": record})
         shutil.copy2(directory / "tokenizer.json", tmp / "tokenizer.json")
         loaded = checkpoint.load(tmp)[0]  # what every verb will load
         after = math.exp(rows_nll(loaded, stream.unsqueeze(0)).double().mean().item())
         size = (tmp / "model.safetensors").stat().st_size
-        record["validation"] = {"text": f"{recipe.data.corpus}/valid", "tokens": len(stream) - 1,
+        record["validation"] = {"text": verify_file or f"{recipe.data.corpus}/valid", "tokens": len(stream) - 1,
                                 "perplexity_fp32": before, "perplexity": after, "increase": after / before - 1,
-                                "budget": limit, "bytes": size,
+                                "budget": limit if math.isfinite(limit) else None, "bytes": size,
                                 "bytes_fp32": (directory / "model.safetensors").stat().st_size}
         progress(f"{plan['scheme']}: {size / 1e6:.2f} MB (fp32 {record['validation']['bytes_fp32'] / 1e6:.2f} MB); "
                  f"perplexity {after:.4f} vs fp32 {before:.4f} on {len(stream) - 1} held-out tokens "
@@ -510,8 +523,4 @@ def quantize_checkpoint(source, scheme: str | None, out, recipe_file: str | None
             raise NlmError(f"quantization refused: perplexity rises {100 * (after / before - 1):.3f}%, over the "
                            f"budget of {100 * limit:g}% (--max-increase); nothing was written")
         checkpoint.write_json(tmp / "config.json", {**config, "quantization": record})
-        checkpoint.replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record

@@ -59,7 +59,7 @@ class EagerRunner:
 
     def __init__(self, model):
         self.model = model.eval()
-        self.device = next(model.parameters(), torch.empty(0)).device
+        self.device = next(iter(model.state_dict().values())).device  # (a bf16 model has buffers only)
         self.vocab_size = model.cfg.vocab_size
         self._hash: str | None = None
         self._output: tuple | None = None

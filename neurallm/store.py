@@ -126,7 +126,8 @@ def _sync_tree(root: Path) -> None:
 def add(source, name: str, force: bool = False) -> Path:
     """Copy a checkpoint directory into the store as NAME; ``force`` replaces a stored one of that name
     (the old copy is removed only once the new one is in place)."""
-    source, target = Path(source), models_dir() / check_name(name)
+    target = models_dir() / check_name(name)
+    source = Path(source) if Path(source).exists() or not valid_name(str(source)) else resolve(source)  # or a stored name
     _check_source(source, target)
     folder = _writable_models_dir()
     checkpoint.recover_dir(target)  # a crash inside an earlier add: put back the set-aside model

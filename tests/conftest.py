@@ -46,16 +46,43 @@ def word_corpus(tmp_path) -> Path:
     return out
 
 
-@pytest.fixture
-def char_corpus(tmp_path) -> Path:
+def shakespeare_slice(out: Path) -> Path:
     """A folder corpus cut from Tiny Shakespeare: 400 lines to train, the next 60 to validate and test."""
     lines = head(need("tinyshakespeare", "input.txt"), 520).splitlines(keepends=True)
-    out = tmp_path / "shakespeare-slice"
     out.mkdir()
     (out / "train.txt").write_text("".join(lines[:400]), encoding="utf-8")
     (out / "valid.txt").write_text("".join(lines[400:460]), encoding="utf-8")
     (out / "test.txt").write_text("".join(lines[460:]), encoding="utf-8")
     return out
+
+
+@pytest.fixture
+def char_corpus(tmp_path) -> Path:
+    return shakespeare_slice(tmp_path / "shakespeare-slice")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The same slice, once for a whole test module."""
+    return shakespeare_slice(tmp_path_factory.mktemp("corpus") / "shakespeare-slice")
+
+
+# A 2 x 24 character LSTM without dropout that says something after 150 steps (~1 s); 24 is no
+# multiple of an int4 group size, so quantization pads it.
+TINY_LSTM = ["--model.emb_size=24", "--model.hidden_size=24", "--model.dropout=0", "--model.dropout_hidden=0",
+             "--train.batch_size=8", "--train.bptt=16", "--train.eval_batch_size=8", "--train.log_every=1000",
+             "--train.save_every=1000", "--train.lr=0.03", "--train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one thread: faster on 2 cores, and far faster when another process keeps them busy."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -182,3 +182,19 @@ def test_a_draw_of_almost_one_stays_inside_the_cut():
     cdf = torch.tensor([[0.5, 1.0, 1.0, 1.0]])  # tokens 2 and 3 cut off (no mass)
     assert _invert(cdf, torch.tensor([1 - 2**-30], dtype=torch.float64)).tolist() == [1]
     assert _invert(cdf, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 0.01])
+def test_a_plain_draw_inverts_the_reference_distribution(temperature):
+    """One uniform number per token: choose() lands where distribution()'s float64 CDF puts it."""
+    logits = torch.randn(1, 5000, generator=torch.Generator().manual_seed(3)) * 4
+    setting = Sampling(temperature)
+    cdf = distribution(logits[0], setting).cumsum(0)
+    missed = 0
+    for seed in range(200):
+        drawn = choose(logits, [setting], [torch.Generator().manual_seed(seed)])[0].item()
+        u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        expected = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+        near = min(abs(u * cdf[-1] - cdf[max(expected - 1, 0)]), abs(u * cdf[-1] - cdf[expected])) < 1e-5
+        missed += drawn != expected and not near
+    assert missed == 0

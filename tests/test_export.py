@@ -4,13 +4,15 @@ refused (and nothing written) over their budget, and named when a file is cut or
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import head, last_json, need
+from conftest import TINY_LSTM as TRAIN
+from conftest import last_json
 
 from neurallm import checkpoint
 from neurallm import export as export_mod
@@ -22,31 +24,8 @@ HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxru
 onnx_only = pytest.mark.skipif(not HAS_ONNX, reason="the export extra (onnx, onnxruntime) is not installed")
 FORMATS = [pytest.param("onnx", marks=onnx_only), "torchscript", "pt2"]
 QUIET = lambda _: None
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
-
-# A character LSTM, 2 x 24, trained long enough (150 steps, ~1 s) that greedy decoding says something.
-TRAIN = ["--model.emb_size=24", "--model.hidden_size=24", "--model.dropout=0", "--model.dropout_hidden=0",
-         "--train.batch_size=8", "--train.bptt=16", "--train.eval_batch_size=8", "--train.log_every=1000",
-         "--train.save_every=1000", "--train.lr=0.03", "--train.warmup_steps=2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one thread: faster on 2 cores, and far faster when another process keeps them busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    lines = head(need("tinyshakespeare", "input.txt"), 520).splitlines(keepends=True)
-    out = tmp_path_factory.mktemp("export-corpus")
-    (out / "train.txt").write_text("".join(lines[:400]), encoding="utf-8")
-    (out / "valid.txt").write_text("".join(lines[400:460]), encoding="utf-8")
-    (out / "test.txt").write_text("".join(lines[460:]), encoding="utf-8")
-    return out
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def train(corpus: Path, out: Path, steps: int, *extra: str) -> Path:
@@ -195,7 +174,7 @@ def test_the_export_verb_writes_a_verified_record(lm, corpus, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "head.pt", "prefill.pt", "step.pt",
                                                      "tokenizer.json"]
     for entry in record["files"].values():
-        assert export_mod.sha256_file(out / entry["file"]) == entry["sha256"]
+        assert export_mod.sha256(out / entry["file"]) == entry["sha256"]
         assert (out / entry["file"]).stat().st_size == entry["bytes"]
     config = checkpoint.describe(out)[1]
     assert {k: v for k, v in record.items() if k != "out"} == config["export"]
@@ -294,3 +273,23 @@ def test_export_refuses_an_unknown_format_and_keeps_math_finite(lm, tmp_path):
         export_mod.export(lm, "tflite", tmp_path / "x", progress=QUIET)
     assert not (tmp_path / "x").exists()
     assert export_mod.within({"max_logit_diff": math.nan, "ppl_rel_diff": 0.0}, export_mod.BUDGET_FP32)  # NaN fails
+
+
+@pytest.mark.parametrize("change", ["no-source-hash", "entry-not-an-object", "entry-without-sha256", "file-elsewhere"])
+def test_a_malformed_export_record_is_named(exports, tmp_path, capsys, change):
+    out = tmp_path / "odd"
+    shutil.copytree(exports("torchscript"), out)
+    config = json.loads((out / "config.json").read_text())
+    record = config["export"]
+    if change == "no-source-hash":
+        del record["source_hash"]
+    elif change == "entry-not-an-object":
+        record["files"]["step"] = "step.pt"
+    elif change == "entry-without-sha256":
+        del record["files"]["head"]["sha256"]
+    else:
+        record["files"]["prefill"]["file"] = "../prefill.pt"
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["generate", str(out), "--max-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "config.json") in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

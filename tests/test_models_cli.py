@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY, head, last_json, need
+from conftest import TINY, last_json
 
 from neurallm import export as export_mod
 from neurallm import quantize, store
@@ -21,13 +20,7 @@ HAS_SERVE = all(importlib.util.find_spec(m) is not None for m in ("fastapi", "ht
 QUIET = lambda _: None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one thread: faster on 2 cores, and far faster when another process keeps them busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -35,16 +28,6 @@ def home(tmp_path, monkeypatch) -> Path:
     """Every test its own empty store."""
     monkeypatch.setenv("NLM_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    lines = head(need("tinyshakespeare", "input.txt"), 520).splitlines(keepends=True)
-    out = tmp_path_factory.mktemp("models-corpus")
-    (out / "train.txt").write_text("".join(lines[:400]), encoding="utf-8")
-    (out / "valid.txt").write_text("".join(lines[400:460]), encoding="utf-8")
-    (out / "test.txt").write_text("".join(lines[460:]), encoding="utf-8")
-    return out
 
 
 @pytest.fixture(scope="module")

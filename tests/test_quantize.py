@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import head, last_json, need
+from conftest import TINY_LSTM as TRAIN
+from conftest import last_json
 from torch import nn
 
 from neurallm import checkpoint, quantize
@@ -26,31 +27,13 @@ onnx_only = pytest.mark.skipif(not HAS_ONNX, reason="the export extra (onnx, onn
 HAS_SERVE = all(importlib.util.find_spec(m) is not None for m in ("fastapi", "httpx"))
 QUIET = lambda _: None
 
-# A character LSTM, 2 x 24: widths that are not a multiple of any int4 group size (they are padded).
-TRAIN = ["--model.emb_size=24", "--model.hidden_size=24", "--model.dropout=0", "--model.dropout_hidden=0",
-         "--train.batch_size=8", "--train.bptt=16", "--train.eval_batch_size=8", "--train.log_every=1000",
-         "--train.save_every=1000", "--train.lr=0.03", "--train.warmup_steps=2"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one thread: faster on 2 cores, and far faster when another process keeps them busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory) -> Path:
-    lines = head(need("tinyshakespeare", "input.txt"), 520).splitlines(keepends=True)
-    root = tmp_path_factory.mktemp("quantize")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / "train.txt").write_text("".join(lines[:400]), encoding="utf-8")
-    (corpus / "valid.txt").write_text("".join(lines[400:460]), encoding="utf-8")
-    (corpus / "test.txt").write_text("".join(lines[460:]), encoding="utf-8")
-    out = root / "lstm"
+def lm(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quantize") / "lstm"
     assert main(["train", "shakespeare-char", "--out", str(out), "--max-steps", "150", "--no-progress",
                  f"--data.corpus={corpus}", *TRAIN]) == 0
     return out
@@ -287,3 +270,30 @@ def test_a_quantized_checkpoint_exports_to_onnx_only(int8, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ONNX only" in err and str(int8) in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_altered_quantized_weights_are_named(int8, tmp_path, capsys):
+    copy = tmp_path / "q"
+    shutil.copytree(int8, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one bit of int8 data: safetensors itself would load this
+    weights.write_bytes(bytes(data))
+    assert main(["eval", str(copy), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "sha256" in err and "Traceback" not in err
+
+
+def test_a_quantized_checkpoint_refuses_cuda(int8, capsys):
+    assert main(["generate", str(int8), "--device", "cuda", "--max-tokens", "3"]) == 2
+    assert "runs on the CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", [{"scheme": ["int8"]}, {"scheme": "int8", "group_size": 64.0}],
+                         ids=["scheme-not-a-string", "group-size-not-an-integer"])
+def test_odd_values_in_a_recipe_are_named(lm, tmp_path, record, capsys):
+    path = write_recipe(tmp_path / "recipe.json", record)
+    assert main(["quantize", str(lm), "--recipe", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -241,7 +241,7 @@ class ExportedRunner:
 def open_export(directory: Path, record: dict, recipe) -> ExportedRunner:
     """Check every file against its recorded size and sha256, then load the three functions."""
     where = directory / "config.json"
-    if not isinstance(record, dict) or record.get("format") not in FORMATS or \
+    if not isinstance(record, dict) or not isinstance(record.get("format"), str) or record["format"] not in FORMATS or \
             not isinstance(record.get("files"), dict) or set(record["files"]) != set(FUNCTIONS):
         raise NlmError(f"{where}: 'export' record is malformed "
                        f"(expected format one of {', '.join(FORMATS)} and files {', '.join(FUNCTIONS)})")
@@ -249,8 +249,9 @@ def open_export(directory: Path, record: dict, recipe) -> ExportedRunner:
         if not isinstance(record.get(key), kind):
             raise NlmError(f"{where}: 'export' record lacks {key} ({kind.__name__})")
     for name, entry in record["files"].items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry["file"] == Path(entry["file"]).name
-                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+        plain_name = isinstance(entry, dict) and isinstance(entry.get("file"), str) and \
+            entry["file"] == Path(entry["file"]).name
+        if not (plain_name and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
             raise NlmError(f"{where}: export.files.{name} is malformed (expected a file name in this folder, "
                            f"its bytes and sha256)")
     for name, entry in record["files"].items():

@@ -95,7 +95,7 @@ def make_variants(source: str, work: Path) -> dict:
 
 def measure(name: str, path: str, args) -> dict:
     from neurallm import checkpoint
-    from neurallm.bench import memory_bandwidth
+    from neurallm.bench import memory_bandwidth, weight_bytes
     from neurallm.evaluate import heldout_ids, rows_nll
 
     work = ROOT / "runs" / f"variants-{name}"
@@ -139,8 +139,7 @@ def measure(name: str, path: str, args) -> dict:
     base = quality["eager"]["perplexity_eval_tokens"]
     for variant in VARIANTS:
         quality[variant]["increase_over_fp32"] = quality[variant]["perplexity_eval_tokens"] / base - 1
-    sizes = {variant: sum(f.stat().st_size for f in made[variant].iterdir()
-                          if f.suffix in (".safetensors", ".onnx", ".pt", ".pt2")) for variant in VARIANTS}
+    sizes = {variant: weight_bytes(made[variant]) for variant in VARIANTS}
     fastest_fp32 = max(("eager", "onnx", "torchscript", "pt2"), key=lambda v: medians[v])
     fastest_int8 = max(("int8", "int8-onnx"), key=lambda v: medians[v])
     return {

@@ -90,10 +90,9 @@ def _make(variant: str, source, work: Path, progress, made: dict | None = None) 
     return target
 
 
-def _size(directory: Path) -> int:
-    names = ("model.safetensors", "step.onnx", "prefill.onnx", "head.onnx", "step.pt", "prefill.pt", "head.pt",
-             "step.pt2", "prefill.pt2", "head.pt2")
-    return sum((directory / n).stat().st_size for n in names if (directory / n).is_file())
+def weight_bytes(directory: Path) -> int:
+    """Bytes on disk of a checkpoint's weight files, whatever its kind."""
+    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".onnx", ".pt", ".pt2"))
 
 
 def _generate_bench(directory: Path, batch: int, tokens: int) -> dict:
@@ -130,7 +129,7 @@ def bench_variants(source, variants: list[str], tokens: int = 200, eval_tokens: 
             rows.append({"variant": variant, "kind": runner.kind, "tokens_per_s_batch1": one["tokens_per_s"],
                          "tokens_per_s_batch32": many["tokens_per_s"], "first_token_ms": one["first_token_ms"],
                          "perplexity": math.exp(nll), "bpc": nll / math.log(2) if tokenizer.kind == "char" else None,
-                         "bytes": _size(directory), "peak_rss_mb": one["peak_rss_mb"],
+                         "bytes": weight_bytes(directory), "peak_rss_mb": one["peak_rss_mb"],
                          "bandwidth_gb_s": one["bandwidth_gb_s"]})
             progress(f"{variant}: {one['tokens_per_s']:.0f} tokens/s at batch 1")
     return {"checkpoint": str(source), "eval_tokens": eval_tokens, "tokens": tokens,

@@ -45,7 +45,7 @@ def cmd_train(args, overrides: list[str]) -> int:
         from neurallm import store
 
         store.check_name(args.save_as)
-        if store.valid_name(args.save_as) and (store.models_dir() / args.save_as).exists():
+        if (store.models_dir() / args.save_as).exists():
             raise NlmError(f"--save-as {args.save_as}: a stored model of that name exists already "
                            f"(nlm models remove {args.save_as}, or pick another name)")
     result = train(recipe, out, resume=args.resume, show_progress=not args.no_progress)

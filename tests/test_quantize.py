@@ -19,6 +19,7 @@ from neurallm import checkpoint, quantize
 from neurallm import export as export_mod
 from neurallm.cli import main
 from neurallm.errors import NlmError
+from neurallm.models import quantized
 from neurallm.models.stack import Layer
 from neurallm.runner import EagerRunner
 
@@ -72,12 +73,12 @@ def test_each_scheme_loads_everywhere_within_its_budget(lm, tmp_path, scheme, re
     model = checkpoint.load(out)[0]
     if scheme == "int4-weight":  # 24 columns padded to one group of 32
         assert record["group_size"] == 32
-        assert isinstance(model.decoder, quantize.Int4Linear) and model.decoder.weights.group == 32
+        assert isinstance(model.decoder, quantized.Int4Linear) and model.decoder.weights.group == 32
         assert model.decoder.weights.packed.shape == (model.cfg.vocab_size, 16)
-        assert isinstance(model.embedding, quantize.QuantEmbedding) and model.embedding.precision == "int4"
+        assert isinstance(model.embedding, quantized.QuantEmbedding) and model.embedding.precision == "int4"
         assert all(type(layer) is Layer for layer in model.stack.layers)
     else:
-        assert all(isinstance(layer, quantize.QuantLayer) for layer in model.stack.layers)
+        assert all(isinstance(layer, quantized.QuantLayer) for layer in model.stack.layers)
         assert isinstance(model.decoder, quantize.LINEAR[scheme])
 
     # eval: the whole validation split, as the quantizer measured it (its 20000 tokens cover the split)
@@ -127,9 +128,9 @@ def test_a_mixed_recipe_sets_each_part(lm, tmp_path, capsys):
     assert record["parts"] == {"embedding": "fp32", "stack.0": "fp32", "stack.1": "int8", "decoder": "int4"}
     model = checkpoint.load(out)[0]
     assert type(model.stack.layers[0]) is Layer
-    assert isinstance(model.stack.layers[1], quantize.QuantLayer)
-    assert isinstance(model.stack.layers[1].ih[0], quantize.Int8Linear)
-    assert isinstance(model.decoder, quantize.Int4Linear) and model.decoder.weights.group == 32
+    assert isinstance(model.stack.layers[1], quantized.QuantLayer)
+    assert isinstance(model.stack.layers[1].ih[0], quantized.Int8Linear)
+    assert isinstance(model.decoder, quantized.Int4Linear) and model.decoder.weights.group == 32
     assert type(model.embedding) is nn.Embedding
     assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-tokens", "5", "--json"]) == 0
     assert last_json(capsys)["generated"] == 5

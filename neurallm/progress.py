@@ -82,8 +82,10 @@ class RunProgress:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
 
-    def validated(self, step: int, epoch: int, elapsed: float, valid_loss: float, char_level: bool) -> None:
-        """After each validation: a plain line where there is no bar."""
+    def validated(self, step: int, epoch: int, elapsed: float, valid_loss: float, char_level: bool,
+                  text: str | None = None) -> None:
+        """After each validation: a plain line where there is no bar. ``text``: the figure in a
+        task's own words (a tagger's accuracy); by default a language model's loss and perplexity."""
         if not self.enabled or self.tty:
             return
         figure = (f"{valid_loss / math.log(2):.4f} bpc" if char_level
@@ -93,7 +95,7 @@ class RunProgress:
             where = f"step {step}, epoch {epoch}, {clock} of {time.strftime('%H:%M:%S', time.gmtime(self.max_seconds))}"
         else:
             where = f"step {step} of {self.total_steps}, epoch {epoch}, {clock} elapsed"
-        print(f"{where}: valid loss {valid_loss:.4f} ({figure})", file=self.stream, flush=True)
+        print(f"{where}: {text or f'valid loss {valid_loss:.4f} ({figure})'}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,59 +1,27 @@
-"""Training a language model: truncated BPTT, clipping, schedules, validation, resume, DDP.
+"""Training a language model: the task ``fit.Loop`` runs for ``nlm train``.
 
-The hidden state is carried from one BPTT window to the next (detached, so gradients
-stop at the window edge) and reset at each epoch. The best weights by validation
-loss are kept in the run directory; ``resume/`` holds everything needed to continue
-exactly: weights, optimizer, schedule, random state, carried hidden state and the
-position in the data.
+Batches are truncated-BPTT windows over parallel columns of the token stream. The hidden
+state is carried from one window to the next (detached, so gradients stop at the window
+edge), reset at each epoch and saved in resume/ with the rest; validation is the loss in
+nats per token on the valid split (perplexity, or bits per character for a char model).
 """
 
 from __future__ import annotations
 
-import fcntl
-import gc
-import json
 import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
-import threading
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from neurallm import checkpoint, config, runtime
+from neurallm import checkpoint, config, fit
 from neurallm.data import corpora, tokenizers
 from neurallm.data.batching import columns, num_windows, shard, window
 from neurallm.errors import NlmError
 from neurallm.evaluate import rows_nll, with_boundary
+from neurallm.fit import Progress, end_of_epoch_decay, learning_rate, make_optimizer  # noqa: F401 (the loop's API, as before)
 from neurallm.models.lm import RNNLM
-from neurallm.progress import RunProgress
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in resume/state.json."""
-
-    step: int = 0
-    epoch: int = 1  # 1-based, the epoch in progress
-    window: int = 0  # next BPTT window of that epoch
-    lr_scale: float = 1.0  # decays from the step and plateau schedules
-    best_valid: float = math.inf  # best of any validation: decides which weights are kept
-    plateau_best: float = math.inf  # best at an epoch's end: drives the plateau schedule
-    train_seconds: float = 0.0
-    elapsed: float = 0.0  # wall-clock seconds of the run so far, across resumes (--max-minutes, cosine)
-    tokens: int = 0
-    train_loss: float = math.nan
-    valid_loss: float = math.nan
 
 
 class Objective(nn.Module):
@@ -66,37 +34,6 @@ class Objective(nn.Module):
     def forward(self, x, state, y):
         features, state = self.model(x, state)
         return self.model.loss(features, y), state
-
-
-def make_optimizer(params, cfg: config.TrainConfig):
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int) -> float:
-    """The rate for the next step. A cosine schedule runs to zero over the planned steps, or
-    over --max-minutes when that comes first, so a time-bounded run still anneals."""
-    lr = cfg.lr * progress.lr_scale
-    if cfg.warmup_steps and progress.step < cfg.warmup_steps:
-        lr *= (progress.step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        done = progress.step / max(total_steps, 1)
-        if cfg.max_minutes:
-            done = max(done, progress.elapsed / (cfg.max_minutes * 60))
-        lr *= 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-    return lr
-
-
-def end_of_epoch_decay(cfg: config.TrainConfig, progress: Progress) -> None:
-    """The step and plateau schedules act at an epoch's end, after its validation."""
-    p = progress
-    if cfg.schedule == "plateau" and p.valid_loss >= p.plateau_best:
-        p.lr_scale *= cfg.decay_factor  # no better than the best epoch so far
-    if cfg.schedule == "step" and p.epoch >= cfg.decay_start:
-        p.lr_scale *= cfg.decay_factor  # Zaremba et al.: decay after each epoch past decay_start
-    p.plateau_best = min(p.plateau_best, p.valid_loss)
 
 
 def make_tokenizer(recipe: config.Recipe, train_text: str):
@@ -115,417 +52,103 @@ def prepare_data(recipe: config.Recipe, tokenizer=None):
     return tokenizer, train_ids, valid_ids
 
 
-class Trainer:
-    def __init__(self, recipe: config.Recipe, out: Path, resume: bool = False, show_progress: bool = True):
-        self.out = Path(out)
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = runtime.pick_device(recipe.train.device)
-        self.objective = None
-        self._lock = None
-        self._owns_group = self.world > 1 and not dist.is_initialized()
-        if self._owns_group:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        try:
-            self._setup(recipe, resume, show_progress)
-        except BaseException:
-            self.close()
-            raise
+class LanguageModelling(fit.Task):
+    resume_keys = (("train", "batch_size"), ("train", "bptt"), ("train", "optimizer"))
 
-    def _setup(self, recipe: config.Recipe, resume: bool, show_progress: bool) -> None:
-        if self.device.type == "cpu":
-            runtime.keep_freed_memory()
-        self.show_progress = show_progress and self.rank == 0
-        self.bar = RunProgress(0, 0.0, 0, 0.0, enabled=False)  # fit() makes the run's own
-        self._on_rank0(lambda: self._claim(resume))
+    def __init__(self, recipe: config.Recipe):
+        self.recipe = recipe
+        self.hidden = None  # the state carried from one window to the next
+
+    def setup(self, loop: fit.Loop, resume: bool) -> None:
+        self.loop = loop
+        recipe, world = self.recipe, loop.world
         tokenizer = None
         if resume:
-            tokenizer = tokenizers.from_json(checkpoint.read_json(self.out / "tokenizer.json"))
-        elif self.world > 1:
+            tokenizer = tokenizers.from_json(checkpoint.read_json(loop.out / "tokenizer.json"))
+        elif world > 1:
             tokenizer = self._shared_tokenizer(recipe)
-        torch.manual_seed(recipe.train.seed)
         self.tokenizer, train_ids, valid_ids = prepare_data(recipe, tokenizer)
         self.recipe = config.replace(recipe, model={"vocab_size": self.tokenizer.vocab_size})
-        self.cfg = self.recipe.train
-        if self.cfg.batch_size % self.world:
-            raise NlmError(f"train.batch_size {self.cfg.batch_size} is not divisible by {self.world} processes")
+        cfg = self.recipe.train
+        if cfg.batch_size % world:
+            raise NlmError(f"train.batch_size {cfg.batch_size} is not divisible by {world} processes")
         # A split too short for its batch size is found now, not after an epoch of training.
-        train_rows = _rows(train_ids, self.cfg.batch_size, f"{recipe.data.corpus}/train", "train.batch_size")
-        valid_rows = _rows(valid_ids, self.cfg.eval_batch_size, f"{recipe.data.corpus}/valid", "train.eval_batch_size")
-        self.train_data = shard(train_rows, self.rank, self.world).to(self.device)
-        self.valid_rows = valid_rows[self.rank::self.world]  # each process validates its share of the rows
-        self.windows = num_windows(self.train_data, self.cfg.bptt)
-        self.model = RNNLM(self.recipe.model).to(self.device)
+        train_rows = _rows(train_ids, cfg.batch_size, f"{recipe.data.corpus}/train", "train.batch_size")
+        valid_rows = _rows(valid_ids, cfg.eval_batch_size, f"{recipe.data.corpus}/valid", "train.eval_batch_size")
+        self.train_data = shard(train_rows, loop.rank, world).to(loop.device)
+        self.valid_rows = valid_rows[loop.rank::world]  # each process validates its share of the rows
+        self.batches = num_windows(self.train_data, cfg.bptt)
+        self.model = RNNLM(self.recipe.model).to(loop.device)
         self.objective = Objective(self.model)
-        if self.world > 1:
-            # An adaptive softmax skips a tail cluster that no target of a batch falls in.
-            self.objective = nn.parallel.DistributedDataParallel(
-                self.objective, find_unused_parameters=self.recipe.model.softmax == "adaptive")
-            # Same initial weights (DDP broadcasts rank 0's), but each process its own dropout masks.
-            torch.manual_seed(self.cfg.seed + self.rank)
-        if not resume:
-            self._on_rank0(self._start_log)
-        self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
-        self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
-        self.progress = Progress()
-        self.hidden = None
-        if resume:
-            self.restore()
 
     def _shared_tokenizer(self, recipe: config.Recipe):
         """Rank 0 trains the tokenizer and sends it to the others: one vocabulary, built once."""
         made = []
-        self._on_rank0(lambda: made.append(make_tokenizer(recipe, corpora.split_text(recipe.data.corpus, "train"))))
+        self.loop.on_rank0(lambda: made.append(make_tokenizer(recipe, corpora.split_text(recipe.data.corpus, "train"))))
         box = [made[0].to_json() if made else None]
         dist.broadcast_object_list(box, 0)
         return tokenizers.from_json(box[0])
 
-    # ---- the run directory -------------------------------------------------------------------
-    def _on_rank0(self, work) -> None:
-        """``work()`` on rank 0 only; an NlmError there is raised on every process, so none waits forever."""
-        error = None
-        if self.rank == 0:
-            try:
-                work()
-            except NlmError as e:
-                error = str(e)
-            except OSError as e:
-                error = f"{e.filename or self.out}: {e.strerror}"
-        if self.world > 1:
-            box = [error]
-            dist.broadcast_object_list(box, 0)
-            error = box[0]
-        if error is not None:
-            raise NlmError(error)
+    def describe(self, out: Path) -> None:
+        checkpoint.save_description(out, self.recipe, self.tokenizer)
 
-    def _claim(self, resume: bool) -> None:
-        """Make and lock the run directory (one run at a time); check it holds a run to resume, or none."""
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.out / ".lock", "w")
-        except OSError as e:
-            raise NlmError(f"--out {self.out}: cannot create the run directory ({e.strerror})") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise NlmError(f"{self.out}: another run is using this directory") from None
-        if resume:
-            checkpoint.recover_dir(self.out / "resume")  # a crash mid-snapshot
-            if not (self.out / "resume" / "state.json").is_file():
-                raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
-        elif (self.out / "model.safetensors").exists() or (self.out / "resume").exists() or \
-                any(self.out.glob(".resume.old-*")):
-            raise NlmError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-
-    def _start_log(self) -> None:
-        # The checkpoint's description goes first, so resume/ is never without it.
-        checkpoint.save_description(self.out, self.recipe, self.tokenizer)
-        (self.out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run killed before its first save
-
-    def close(self) -> None:
-        """Release the directory lock and the process group (DDP holds it: drop DDP first, while the
-        interpreter is whole, not at exit)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        if self._owns_group and dist.is_initialized():
-            self.objective = None
-            gc.collect()
-            dist.destroy_process_group()
-
-    # ---- one step -------------------------------------------------------------------------
-    def train_step(self, index: int, lr: float) -> tuple[float, int]:
-        """One window: forward, backward, clip, update. -> (loss of the global batch, tokens in it)."""
-        self.model.train()
-        x, y = window(self.train_data, index, self.cfg.bptt)
+    def loss(self, objective, index: int):
+        x, y = window(self.train_data, index, self.recipe.train.bptt)
         if self.hidden is None:
             self.hidden = self.model.init_state(x.size(0))
-        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
-        with autocast:
-            loss, hidden = self.objective(x, self.hidden.detach(), y)
+        loss, hidden = objective(x, self.hidden.detach(), y)
         self.hidden = hidden.detach().float()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        loss = loss.detach()
-        if self.world > 1:  # report the loss of the global batch, as one process would
-            dist.all_reduce(loss)
-            loss /= self.world
-        return loss.item(), y.numel() * self.world
+        return loss, y.numel()
 
-    # ---- the loop ---------------------------------------------------------------------------
-    def fit(self) -> dict:
-        cfg, p = self.cfg, self.progress
-        total_steps = cfg.max_steps or cfg.epochs * self.windows
-        session = time.perf_counter()
-        started = session - p.elapsed  # a resumed run goes on with its clock
-        first_step = p.step
-        self.bar = RunProgress(total_steps, cfg.max_minutes * 60, p.step, p.elapsed, enabled=self.show_progress)
-        self._catch_interrupt()
-        try:
-            stopped = self._loop(started, total_steps)
-            if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do
-                if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
-                    self.validate()  # a bounded run still reports where it got to
-                self.snapshot()
-        finally:
-            self.bar.close()
-            if self._previous_sigint is not None:
-                signal.signal(signal.SIGINT, self._previous_sigint)
-        if self.world > 1:
-            dist.barrier()  # no process tears the group down while another still writes or talks
-        self.plot()
-        return self.summary(time.perf_counter() - session)
-
-    def _loop(self, started: float, total_steps: int) -> bool:
-        """Train until the epochs are done (-> False) or a bound or Ctrl-C stops the run (-> True)."""
-        cfg, p = self.cfg, self.progress
-        stopped = False
-        while p.epoch <= cfg.epochs and not stopped:
-            window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
-            while p.window < self.windows:
-                if self._should_stop(started):
-                    stopped = True
-                    if window_steps:  # the steps since the last log line: a short run reports its loss too
-                        self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
-                    break
-                lr = learning_rate(cfg, p, total_steps)
-                t0 = time.perf_counter()
-                loss, tokens = self.train_step(p.window, lr)
-                self._check_finite(loss, f"at step {p.step + 1}")
-                p.train_seconds += time.perf_counter() - t0
-                p.tokens += tokens
-                p.window += 1
-                p.step += 1
-                window_loss, window_steps = window_loss + loss, window_steps + 1
-                if p.step % cfg.log_every == 0 or p.window == self.windows:
-                    self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
-                    window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
-                if p.step % cfg.save_every == 0:
-                    self.snapshot()
-            if not stopped:
-                self.end_epoch()
-        return stopped
-
-    def _catch_interrupt(self) -> None:
-        """The first Ctrl-C ends the run cleanly after the current step (resumable); a second one aborts."""
-        self.interrupted = False
-        self._previous_sigint = None
-        if threading.current_thread() is not threading.main_thread():
-            return
-        # None: a handler not set from Python, which cannot be put back; the default then
-        self._previous_sigint = previous = signal.getsignal(signal.SIGINT) or signal.SIG_DFL
-
-        def handler(signum, frame):
-            self.interrupted = True
-            signal.signal(signal.SIGINT, previous)
-            if self.show_progress:
-                print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
-
-        signal.signal(signal.SIGINT, handler)
-
-    def _should_stop(self, started: float) -> bool:
-        """Also advances the run's clock; with several processes, rank 0's decision and clock hold for all."""
-        cfg, p = self.cfg, self.progress
-        p.elapsed = time.perf_counter() - started
-        stop = self.interrupted or (cfg.max_steps and p.step >= cfg.max_steps) or \
-            (cfg.max_minutes and p.elapsed >= cfg.max_minutes * 60)
-        if self.world > 1:
-            shared = torch.tensor([1.0 if stop else 0.0, p.elapsed], dtype=torch.float64, device=self.device)
-            dist.broadcast(shared, 0)
-            stop, p.elapsed = bool(shared[0].item()), shared[1].item()
-        return bool(stop)
-
-    def _check_finite(self, loss: float, where: str) -> None:
-        if not math.isfinite(loss):
-            raise NlmError(f"training diverged {where} (loss {loss}); lower train.lr or set train.clip "
-                           f"(the last snapshot, if any, is in {self.out / 'resume'})")
-
-    def end_epoch(self) -> None:
-        p = self.progress
-        self.validate()
-        end_of_epoch_decay(self.cfg, p)
-        p.epoch += 1
-        p.window = 0
+    def new_epoch(self) -> None:
         self.hidden = None  # each epoch starts from a zero state
-        self.snapshot()
 
-    def validate(self) -> None:
-        """Validation loss; saves the weights as the run's checkpoint when they are the best so far."""
-        p = self.progress
+    def validate(self) -> tuple[float, dict]:
         nll_sum, tokens = 0.0, 0  # a process with no validation rows adds nothing
         if self.valid_rows.size(0):
-            nll = rows_nll(self.model, self.valid_rows, self.cfg.bptt)
+            nll = rows_nll(self.model, self.valid_rows, self.recipe.train.bptt)
             nll_sum, tokens = nll.double().sum().item(), nll.numel()
-        total = torch.tensor([nll_sum, tokens], dtype=torch.float64, device=self.device)
-        if self.world > 1:
+        total = torch.tensor([nll_sum, tokens], dtype=torch.float64, device=self.loop.device)
+        if self.loop.world > 1:
             dist.all_reduce(total)  # every process then holds the same figure, bit for bit
-        p.valid_loss = (total[0] / total[1]).item()
-        self._check_finite(p.valid_loss, f"in validation at step {p.step}")
-        improved = p.valid_loss < p.best_valid
-        record = {"step": p.step, "epoch": p.epoch, "valid_loss": p.valid_loss,
-                  "valid_perplexity": math.exp(min(p.valid_loss, 700))}
+        loss = (total[0] / total[1]).item()
+        record = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700))}
         if self.tokenizer.kind == "char":
-            record["valid_bpc"] = p.valid_loss / math.log(2)
-        self._log(record)
-        self.bar.validated(p.step, p.epoch, p.elapsed, p.valid_loss, self.tokenizer.kind == "char")
-        if improved:
-            p.best_valid = p.valid_loss
-            if self.rank == 0:
-                checkpoint.save(self.out, self.model, self.recipe, self.tokenizer, extra=record)
+            record["valid_bpc"] = loss / math.log(2)
+        return loss, record
 
-    # ---- resume -----------------------------------------------------------------------------
-    def _gathered(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        if self.world == 1:
-            return [tensor]
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor)
-        return parts
+    def save(self, out: Path, record: dict) -> None:
+        checkpoint.save(out, self.model, self.recipe, self.tokenizer, extra=record)
 
-    def snapshot(self) -> None:
-        """Write resume/ (atomically, as a whole directory) with all a later --resume needs."""
+    def carry(self) -> dict:
         hidden = self.hidden if self.hidden is not None else self.model.init_state(self.train_data.size(0))
-        hiddens = self._gathered(hidden.contiguous())
-        rngs = self._gathered(self._rng_state().to(self.device))
-        if self.rank != 0:
-            return
-        tensors = {f"model.{k}": v for k, v in checkpoint.tensors_of(self.model).items()}
-        opt = self.optimizer.state_dict()
-        meta = {"param_groups": opt["param_groups"], "state": {}}
-        for idx, values in opt["state"].items():
-            meta["state"][str(idx)] = {}
-            for key, value in values.items():
-                if torch.is_tensor(value):
-                    tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    meta["state"][str(idx)][key] = value
-        tensors["hidden"] = torch.cat(hiddens, dim=3).cpu()
-        for r, rng in enumerate(rngs):
-            tensors[f"rng.{r}"] = rng.cpu()
-        state = {"progress": asdict(self.progress), "optimizer": meta, "world": self.world,
-                 "recipe": self.recipe.to_dict()}
-        tmp = Path(tempfile.mkdtemp(prefix=".resume.tmp-", dir=self.out))
-        try:
-            save_file(tensors, str(tmp / "tensors.safetensors"))
-            checkpoint.write_json(tmp / "state.json", state)
-            checkpoint.replace_dir(tmp, self.out / "resume")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return {"hidden": torch.cat(self.loop.gathered(hidden.contiguous()), dim=3).cpu()}
 
-    def restore(self) -> None:
-        folder = self.out / "resume"
-        state = checkpoint.read_json(folder / "state.json")
-        try:
-            self._restore(folder, state)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise NlmError(f"{folder}: damaged resume state ({type(e).__name__}: {e})") from None
-        self._on_rank0(self._trim_log)
-
-    def _restore(self, folder: Path, state: dict) -> None:
-        if state["world"] != self.world:
-            raise NlmError(f"{folder}: saved by {state['world']} processes; resume it with the same number")
-        saved = state["recipe"]
-        now = self.recipe.to_dict()
-        for section, key in [("data", k) for k in now["data"]] + [("model", k) for k in now["model"]] + \
-                [("train", "batch_size"), ("train", "bptt"), ("train", "optimizer")]:
-            was = saved[section].get(key, getattr(config.SECTIONS[section](), key))  # a key added since: its default
-            if json.loads(json.dumps(now[section][key])) != json.loads(json.dumps(was)):
-                raise NlmError(f"{folder}: the run was saved with {section}.{key} = {was!r}, "
-                               f"not {now[section][key]!r}; resume it with the same value")
-        try:
-            tensors = load_file(str(folder / "tensors.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise NlmError(f"{folder / 'tensors.safetensors'}: unreadable ({e})") from None
-        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not (k == "decoder.weight" and self.recipe.model.tie_weights)]
-        if missing or unexpected:
-            raise NlmError(f"{folder / 'tensors.safetensors'}: weights do not match the model "
-                           f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-        opt_state = {}
-        for idx, values in state["optimizer"]["state"].items():
-            opt_state[int(idx)] = dict(values)
-        for name, value in tensors.items():
-            if name.startswith("optimizer."):
-                _, idx, key = name.split(".", 2)
-                opt_state.setdefault(int(idx), {})[key] = value
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-        for group in self.optimizer.param_groups:  # settings that may change on resume take their new values
-            group["weight_decay"] = self.cfg.weight_decay
-            if "momentum" in group:
-                group["momentum"] = self.cfg.momentum
-        self.progress = Progress(**state["progress"])
-        per = self.train_data.size(0)
-        expected = self.model.init_state(per * self.world).shape
+    def restore(self, tensors: dict, progress: Progress) -> None:
+        per, rank = self.train_data.size(0), self.loop.rank
+        expected = self.model.init_state(per * self.loop.world).shape
         if tensors["hidden"].shape != expected:
             raise ValueError(f"hidden state of shape {tuple(tensors['hidden'].shape)}, expected {tuple(expected)}")
-        hidden = tensors["hidden"][:, :, :, self.rank * per:(self.rank + 1) * per]
-        self.hidden = hidden.to(self.device) if self.progress.window > 0 else None
-        self._set_rng_state(tensors[f"rng.{self.rank}"])
+        hidden = tensors["hidden"][:, :, :, rank * per:(rank + 1) * per]
+        self.hidden = hidden.to(self.loop.device) if progress.window > 0 else None
 
-    def _trim_log(self) -> None:
-        """Records past the snapshot are logged again by the resumed run: drop them."""
-        log = self.out / "metrics.jsonl"
-        kept = "".join(json.dumps(r) + "\n" for r in checkpoint.read_jsonl(log) if r.get("step", 0) <= self.progress.step)
-        checkpoint.atomic_write(log, lambda path: path.write_text(kept, encoding="utf-8"))
-
-    def _rng_state(self) -> torch.Tensor:
-        """CPU generator state, followed by this device's CUDA generator state when training on a GPU."""
-        state = torch.get_rng_state()
-        if self.device.type == "cuda":
-            state = torch.cat([state, torch.cuda.get_rng_state(self.device)])
-        return state
-
-    def _set_rng_state(self, state: torch.Tensor) -> None:
-        cpu = torch.get_rng_state().numel()
-        torch.set_rng_state(state[:cpu].clone())
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state[cpu:].clone(), self.device)
-
-    # ---- reporting --------------------------------------------------------------------------
-    def _log(self, record: dict) -> None:
-        if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _log_train(self, lr: float, loss_sum: float, steps: int, since: float, tokens_since: int) -> None:
-        """Log the mean loss and the token rate of the ``steps`` steps since time ``since``."""
-        p = self.progress
-        p.train_loss = loss_sum / steps
-        rate = (p.tokens - tokens_since) / (time.perf_counter() - since)
-        self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss, "tokens_per_s": rate})
-        self.bar.update(p.step, p.elapsed, p.epoch, p.train_loss, rate)
-
-    def plot(self) -> None:
-        if self.rank == 0:
-            from neurallm.plots import training_curves
-
-            training_curves(self.out / "metrics.jsonl", self.out / "curves.png")
-
-    def summary(self, seconds: float) -> dict:
-        p = self.progress
-        out = {"checkpoint": str(self.out), "steps": p.step, "epochs_completed": p.epoch - 1,
-               "seconds": seconds,  # this command's wall-clock time
-               "elapsed_seconds": p.elapsed,  # the run's clock, across resumes (what --max-minutes bounds)
-               "train_seconds": p.train_seconds, "tokens": p.tokens,
-               # over the run's wall-clock, validation and snapshots included (as benchmarks/ measures both sides)
-               "tokens_per_s": p.tokens / max(p.elapsed, 1e-9),
-               "train_step_tokens_per_s": p.tokens / max(p.train_seconds, 1e-9),  # training steps only
-               "train_loss": p.train_loss,
-               "valid_loss": p.valid_loss, "valid_perplexity": math.exp(min(p.valid_loss, 700)),
-               "best_valid_loss": p.best_valid, "peak_rss_mb": runtime.peak_rss_mb(),
-               "processes": self.world, "device": str(self.device), "interrupted": self.interrupted}
+    def summary(self, progress: Progress) -> dict:
+        loss = progress.valid_loss
+        out = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700)), "best_valid_loss": progress.best_valid}
         if self.tokenizer.kind == "char":
-            out["valid_bpc"] = p.valid_loss / math.log(2)
+            out["valid_bpc"] = loss / math.log(2)
         return out
+
+
+class Trainer(fit.Loop):
+    """The loop with a language model: ``Trainer(recipe, out)``."""
+
+    def __init__(self, recipe: config.Recipe, out: Path, resume: bool = False, show_progress: bool = True):
+        super().__init__(LanguageModelling(recipe), out, resume=resume, show_progress=show_progress)
+
+    @property
+    def tokenizer(self):
+        return self.task.tokenizer
 
 
 def _rows(ids: torch.Tensor, rows: int, split: str, key: str) -> torch.Tensor:
@@ -533,7 +156,6 @@ def _rows(ids: torch.Tensor, rows: int, split: str, key: str) -> torch.Tensor:
         return columns(ids, rows)
     except NlmError as e:
         raise NlmError(f"{split}: {e}; lower {key}") from None
-
 
 
 def train(recipe: config.Recipe, out, resume: bool = False, show_progress: bool = True) -> dict:

@@ -1,0 +1,518 @@
+"""The training loop that knows no task: steps, clipping, schedules, validation, best-weights
+keeping, stops (steps, minutes, Ctrl-C), snapshots and exact resume, DDP, progress, metrics log,
+divergence check.
+
+A task answers the rest (``Task`` below): how batches are made, what a step's loss is, what
+carries from one batch to the next, what the validation figure is, and how its checkpoint is
+written. The language model's task is in train.py; taggers and classifiers are in tasks/.
+``resume/`` holds everything needed to continue exactly: weights, optimizer, schedule, random
+state, the task's carried tensors and the position in the epoch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neurallm import checkpoint, config, runtime
+from neurallm.errors import NlmError
+from neurallm.progress import RunProgress
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in resume/state.json."""
+
+    step: int = 0
+    epoch: int = 1  # 1-based, the epoch in progress
+    window: int = 0  # next batch of that epoch (a BPTT window for a language model)
+    lr_scale: float = 1.0  # decays from the step and plateau schedules
+    # The validation figure, lower is better: a language model's loss in nats, a tagger's or
+    # classifier's error rate (1 - accuracy, or 1 - F1).
+    best_valid: float = math.inf  # best of any validation: decides which weights are kept
+    plateau_best: float = math.inf  # best at an epoch's end: drives the plateau schedule
+    train_seconds: float = 0.0
+    elapsed: float = 0.0  # wall-clock seconds of the run so far, across resumes (--max-minutes, cosine)
+    tokens: int = 0
+    train_loss: float = math.nan
+    valid_loss: float = math.nan
+
+
+class Task:
+    """What only a task knows. ``setup`` makes the data, ``model`` and ``objective`` (model and
+    loss in one forward, so DistributedDataParallel sees every parameter used)."""
+
+    recipe: config.Recipe  # with the sizes found in the data filled in
+    model: nn.Module
+    objective: nn.Module
+    batches: int  # per epoch, for this process
+    resume_keys: tuple[tuple[str, str], ...] = (("train", "batch_size"), ("train", "optimizer"))
+
+    def setup(self, loop: "Loop", resume: bool) -> None:
+        raise NotImplementedError
+
+    def describe(self, out: Path) -> None:
+        """Write the checkpoint's description (config, vocabularies) before any weights."""
+        raise NotImplementedError
+
+    def loss(self, objective: nn.Module, index: int) -> tuple[torch.Tensor, int]:
+        """Batch ``index`` of the epoch in progress -> (mean loss, tokens in it)."""
+        raise NotImplementedError
+
+    def new_epoch(self) -> None:
+        """Called as an epoch ends (after its validation)."""
+
+    def validate(self) -> tuple[float, dict]:
+        """-> (the figure, lower is better; the record logged and kept with the best weights)."""
+        raise NotImplementedError
+
+    def save(self, out: Path, record: dict) -> None:
+        raise NotImplementedError
+
+    def carry(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs beside weights and optimizer (every process calls this)."""
+        return {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], progress: Progress) -> None:
+        pass
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.model.parameters())}]
+
+    def lr_factors(self, step: int) -> list[float] | None:
+        """A multiplier of the rate per parameter group at this step (None: all 1)."""
+        return None
+
+    def figure_text(self, record: dict) -> str | None:
+        """The validation line where there is no bar (None: the language model's loss and perplexity)."""
+        return None
+
+    def summary(self, progress: Progress) -> dict:
+        return {}
+
+
+def make_optimizer(params, cfg: config.TrainConfig):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: config.TrainConfig, progress: Progress, total_steps: int) -> float:
+    """The rate for the next step. A cosine schedule runs to zero over the planned steps, or
+    over --max-minutes when that comes first, so a time-bounded run still anneals."""
+    lr = cfg.lr * progress.lr_scale
+    if cfg.warmup_steps and progress.step < cfg.warmup_steps:
+        lr *= (progress.step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        done = progress.step / max(total_steps, 1)
+        if cfg.max_minutes:
+            done = max(done, progress.elapsed / (cfg.max_minutes * 60))
+        lr *= 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    return lr
+
+
+def end_of_epoch_decay(cfg: config.TrainConfig, progress: Progress) -> None:
+    """The step and plateau schedules act at an epoch's end, after its validation."""
+    p = progress
+    if cfg.schedule == "plateau" and p.valid_loss >= p.plateau_best:
+        p.lr_scale *= cfg.decay_factor  # no better than the best epoch so far
+    if cfg.schedule == "step" and p.epoch >= cfg.decay_start:
+        p.lr_scale *= cfg.decay_factor  # Zaremba et al.: decay after each epoch past decay_start
+    p.plateau_best = min(p.plateau_best, p.valid_loss)
+
+
+class Loop:
+    def __init__(self, task: Task, out: Path, resume: bool = False, show_progress: bool = True):
+        self.task = task
+        self.out = Path(out)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = runtime.pick_device(task.recipe.train.device)
+        self.objective = None
+        self._lock = None
+        self._owns_group = self.world > 1 and not dist.is_initialized()
+        if self._owns_group:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        try:
+            self._setup(resume, show_progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: bool, show_progress: bool) -> None:
+        if self.device.type == "cpu":
+            runtime.keep_freed_memory()
+        self.show_progress = show_progress and self.rank == 0
+        self.bar = RunProgress(0, 0.0, 0, 0.0, enabled=False)  # fit() makes the run's own
+        self.on_rank0(lambda: self._claim(resume))
+        task = self.task
+        torch.manual_seed(task.recipe.train.seed)
+        task.setup(self, resume)
+        self.recipe, self.cfg, self.model = task.recipe, task.recipe.train, task.model
+        self.objective = task.objective
+        if self.world > 1:
+            # An adaptive softmax skips a tail cluster that no target of a batch falls in.
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective, find_unused_parameters=getattr(self.recipe.model, "softmax", "") == "adaptive")
+            # Same initial weights (DDP broadcasts rank 0's), but each process its own dropout masks.
+            torch.manual_seed(self.cfg.seed + self.rank)
+        if not resume:
+            self.on_rank0(self._start_log)
+        self.optimizer = make_optimizer(task.param_groups(), self.cfg)
+        self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
+        self.progress = Progress()
+        if resume:
+            self.restore()
+
+    # ---- the run directory -------------------------------------------------------------------
+    def on_rank0(self, work) -> None:
+        """``work()`` on rank 0 only; an NlmError there is raised on every process, so none waits forever."""
+        error = None
+        if self.rank == 0:
+            try:
+                work()
+            except NlmError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"{e.filename or self.out}: {e.strerror}"
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, 0)
+            error = box[0]
+        if error is not None:
+            raise NlmError(error)
+
+    def _claim(self, resume: bool) -> None:
+        """Make and lock the run directory (one run at a time); check it holds a run to resume, or none."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.out / ".lock", "w")
+        except OSError as e:
+            raise NlmError(f"--out {self.out}: cannot create the run directory ({e.strerror})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise NlmError(f"{self.out}: another run is using this directory") from None
+        if resume:
+            checkpoint.recover_dir(self.out / "resume")  # a crash mid-snapshot
+            if not (self.out / "resume" / "state.json").is_file():
+                raise NlmError(f"{self.out}: nothing to resume (no resume/state.json)")
+        elif (self.out / "model.safetensors").exists() or (self.out / "resume").exists() or \
+                any(self.out.glob(".resume.old-*")):
+            raise NlmError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+
+    def _start_log(self) -> None:
+        # The checkpoint's description goes first, so resume/ is never without it.
+        self.task.describe(self.out)
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run killed before its first save
+
+    def close(self) -> None:
+        """Release the directory lock and the process group (DDP holds it: drop DDP first, while the
+        interpreter is whole, not at exit)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if self._owns_group and dist.is_initialized():
+            self.objective = None
+            gc.collect()
+            dist.destroy_process_group()
+
+    # ---- one step -------------------------------------------------------------------------
+    def train_step(self, index: int, lr: float) -> tuple[float, int]:
+        """One batch: forward, backward, clip, update. -> (loss of the global batch, tokens in it)."""
+        self.model.train()
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            loss, tokens = self.task.loss(self.objective, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        factors = self.task.lr_factors(self.progress.step) or [1.0] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["lr"] = lr * factor
+        self.optimizer.step()
+        loss = loss.detach()
+        if self.world > 1:  # report the loss of the global batch, as one process would
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss.item(), tokens * self.world
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        total_steps = cfg.max_steps or cfg.epochs * self.task.batches
+        session = time.perf_counter()
+        started = session - p.elapsed  # a resumed run goes on with its clock
+        first_step = p.step
+        self.bar = RunProgress(total_steps, cfg.max_minutes * 60, p.step, p.elapsed, enabled=self.show_progress)
+        self._catch_interrupt()
+        try:
+            stopped = self._loop(started, total_steps)
+            if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do
+                if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
+                    self.validate()  # a bounded run still reports where it got to
+                self.snapshot()
+        finally:
+            self.bar.close()
+            if self._previous_sigint is not None:
+                signal.signal(signal.SIGINT, self._previous_sigint)
+        if self.world > 1:
+            dist.barrier()  # no process tears the group down while another still writes or talks
+        self.plot()
+        return self.summary(time.perf_counter() - session)
+
+    def _loop(self, started: float, total_steps: int) -> bool:
+        """Train until the epochs are done (-> False) or a bound or Ctrl-C stops the run (-> True)."""
+        cfg, p = self.cfg, self.progress
+        stopped = False
+        while p.epoch <= cfg.epochs and not stopped:
+            window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
+            lr = math.nan  # set by the first step; logged only after one
+            while p.window < self.task.batches:
+                if self._should_stop(started):
+                    stopped = True
+                    if window_steps:  # the steps since the last log line: a short run reports its loss too
+                        self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
+                    break
+                lr = learning_rate(cfg, p, total_steps)
+                t0 = time.perf_counter()
+                loss, tokens = self.train_step(p.window, lr)
+                self._check_finite(loss, f"at step {p.step + 1}")
+                p.train_seconds += time.perf_counter() - t0
+                p.tokens += tokens
+                p.window += 1
+                p.step += 1
+                window_loss, window_steps = window_loss + loss, window_steps + 1
+                if p.step % cfg.log_every == 0 or p.window == self.task.batches:
+                    self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
+                    window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
+                if p.step % cfg.save_every == 0:
+                    self.snapshot()
+            if not stopped:
+                self.end_epoch()
+        return stopped
+
+    def _catch_interrupt(self) -> None:
+        """The first Ctrl-C ends the run cleanly after the current step (resumable); a second one aborts."""
+        self.interrupted = False
+        self._previous_sigint = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # None: a handler not set from Python, which cannot be put back; the default then
+        self._previous_sigint = previous = signal.getsignal(signal.SIGINT) or signal.SIG_DFL
+
+        def handler(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+            if self.show_progress:
+                print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, handler)
+
+    def _should_stop(self, started: float) -> bool:
+        """Also advances the run's clock; with several processes, rank 0's decision and clock hold for all."""
+        cfg, p = self.cfg, self.progress
+        p.elapsed = time.perf_counter() - started
+        stop = self.interrupted or (cfg.max_steps and p.step >= cfg.max_steps) or \
+            (cfg.max_minutes and p.elapsed >= cfg.max_minutes * 60)
+        if self.world > 1:
+            shared = torch.tensor([1.0 if stop else 0.0, p.elapsed], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, 0)
+            stop, p.elapsed = bool(shared[0].item()), shared[1].item()
+        return bool(stop)
+
+    def _check_finite(self, loss: float, where: str) -> None:
+        if not math.isfinite(loss):
+            raise NlmError(f"training diverged {where} (loss {loss}); lower train.lr or set train.clip "
+                           f"(the last snapshot, if any, is in {self.out / 'resume'})")
+
+    def end_epoch(self) -> None:
+        p = self.progress
+        self.validate()
+        end_of_epoch_decay(self.cfg, p)
+        p.epoch += 1
+        p.window = 0
+        self.task.new_epoch()
+        self.snapshot()
+
+    def validate(self) -> None:
+        """The task's validation figure; saves the weights as the run's checkpoint when they are the best so far."""
+        p = self.progress
+        p.valid_loss, figures = self.task.validate()
+        self._check_finite(p.valid_loss, f"in validation at step {p.step}")
+        improved = p.valid_loss < p.best_valid
+        record = {"step": p.step, "epoch": p.epoch, **figures}
+        self._log(record)
+        self.bar.validated(p.step, p.epoch, p.elapsed, p.valid_loss, figures.get("valid_bpc") is not None,
+                           text=self.task.figure_text(record))
+        if improved:
+            p.best_valid = p.valid_loss
+            if self.rank == 0:
+                self.task.save(self.out, record)
+
+    # ---- resume -----------------------------------------------------------------------------
+    def gathered(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        if self.world == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor)
+        return parts
+
+    def snapshot(self) -> None:
+        """Write resume/ (atomically, as a whole directory) with all a later --resume needs."""
+        carried = self.task.carry()
+        rngs = self.gathered(self._rng_state().to(self.device))
+        if self.rank != 0:
+            return
+        tensors = {f"model.{k}": v for k, v in checkpoint.tensors_of(self.model).items()}
+        opt = self.optimizer.state_dict()
+        meta = {"param_groups": opt["param_groups"], "state": {}}
+        for idx, values in opt["state"].items():
+            meta["state"][str(idx)] = {}
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    meta["state"][str(idx)][key] = value
+        tensors.update(carried)
+        for r, rng in enumerate(rngs):
+            tensors[f"rng.{r}"] = rng.cpu()
+        state = {"progress": asdict(self.progress), "optimizer": meta, "world": self.world,
+                 "recipe": self.recipe.to_dict()}
+        tmp = Path(tempfile.mkdtemp(prefix=".resume.tmp-", dir=self.out))
+        try:
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+            checkpoint.write_json(tmp / "state.json", state)
+            checkpoint.replace_dir(tmp, self.out / "resume")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def restore(self) -> None:
+        folder = self.out / "resume"
+        state = checkpoint.read_json(folder / "state.json")
+        try:
+            self._restore(folder, state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise NlmError(f"{folder}: damaged resume state ({type(e).__name__}: {e})") from None
+        self.on_rank0(self._trim_log)
+
+    def _restore(self, folder: Path, state: dict) -> None:
+        if state["world"] != self.world:
+            raise NlmError(f"{folder}: saved by {state['world']} processes; resume it with the same number")
+        saved = state["recipe"]
+        now = self.recipe.to_dict()
+        for section, key in [("data", k) for k in now["data"]] + [("model", k) for k in now["model"]] + \
+                list(self.task.resume_keys):
+            was = saved.get(section, {}).get(key, getattr(config.SECTIONS[section](), key))  # added since: default
+            if json.loads(json.dumps(now[section][key])) != json.loads(json.dumps(was)):
+                raise NlmError(f"{folder}: the run was saved with {section}.{key} = {was!r}, "
+                               f"not {now[section][key]!r}; resume it with the same value")
+        try:
+            tensors = load_file(str(folder / "tensors.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise NlmError(f"{folder / 'tensors.safetensors'}: unreadable ({e})") from None
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not (k == "decoder.weight" and getattr(self.recipe.model, "tie_weights", False))]
+        if missing or unexpected:
+            raise NlmError(f"{folder / 'tensors.safetensors'}: weights do not match the model "
+                           f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+        opt_state = {}
+        for idx, values in state["optimizer"]["state"].items():
+            opt_state[int(idx)] = dict(values)
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, idx, key = name.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        for group in self.optimizer.param_groups:  # settings that may change on resume take their new values
+            group["weight_decay"] = self.cfg.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.cfg.momentum
+        self.progress = Progress(**state["progress"])
+        self.task.restore(tensors, self.progress)
+        self._set_rng_state(tensors[f"rng.{self.rank}"])
+
+    def _trim_log(self) -> None:
+        """Records past the snapshot are logged again by the resumed run: drop them."""
+        log = self.out / "metrics.jsonl"
+        kept = "".join(json.dumps(r) + "\n" for r in checkpoint.read_jsonl(log) if r.get("step", 0) <= self.progress.step)
+        checkpoint.atomic_write(log, lambda path: path.write_text(kept, encoding="utf-8"))
+
+    def _rng_state(self) -> torch.Tensor:
+        """CPU generator state, followed by this device's CUDA generator state when training on a GPU."""
+        state = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state = torch.cat([state, torch.cuda.get_rng_state(self.device)])
+        return state
+
+    def _set_rng_state(self, state: torch.Tensor) -> None:
+        cpu = torch.get_rng_state().numel()
+        torch.set_rng_state(state[:cpu].clone())
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state[cpu:].clone(), self.device)
+
+    # ---- reporting --------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_train(self, lr: float, loss_sum: float, steps: int, since: float, tokens_since: int) -> None:
+        """Log the mean loss and the token rate of the ``steps`` steps since time ``since``."""
+        p = self.progress
+        p.train_loss = loss_sum / steps
+        rate = (p.tokens - tokens_since) / (time.perf_counter() - since)
+        self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss, "tokens_per_s": rate})
+        self.bar.update(p.step, p.elapsed, p.epoch, p.train_loss, rate)
+
+    def plot(self) -> None:
+        if self.rank == 0:
+            from neurallm.plots import training_curves
+
+            training_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+    def summary(self, seconds: float) -> dict:
+        p = self.progress
+        return {"checkpoint": str(self.out), "steps": p.step, "epochs_completed": p.epoch - 1,
+                "seconds": seconds,  # this command's wall-clock time
+                "elapsed_seconds": p.elapsed,  # the run's clock, across resumes (what --max-minutes bounds)
+                "train_seconds": p.train_seconds, "tokens": p.tokens,
+                # over the run's wall-clock, validation and snapshots included (as benchmarks/ measures both sides)
+                "tokens_per_s": p.tokens / max(p.elapsed, 1e-9),
+                "train_step_tokens_per_s": p.tokens / max(p.train_seconds, 1e-9),  # training steps only
+                "train_loss": p.train_loss, **self.task.summary(p),
+                "peak_rss_mb": runtime.peak_rss_mb(),
+                "processes": self.world, "device": str(self.device), "interrupted": self.interrupted}
+
+
+def run(task: Task, out, resume: bool = False, show_progress: bool = True, loop_class=Loop) -> dict:
+    loop = loop_class(task, Path(out), resume=resume, show_progress=show_progress)
+    try:
+        return loop.fit()
+    finally:
+        loop.close()

@@ -97,7 +97,8 @@ def atomic_write(path: Path, write) -> None:
 
 def tied(model) -> bool:
     """The output layer reads the embedding's own tensor (a quantized model may keep only one of them)."""
-    return getattr(model.decoder, "weight", None) is getattr(model.embedding, "weight", False)
+    return getattr(getattr(model, "decoder", None), "weight", None) is getattr(getattr(model, "embedding", None),
+                                                                               "weight", False)
 
 
 def tensors_of(model) -> dict:
@@ -168,6 +169,10 @@ def describe(directory) -> tuple[Path, dict]:
 def _recipe_and_tokenizer(directory: Path, data: dict):
     sections = {k: v for k, v in data.items() if k not in ("info", "export", "quantization")}
     recipe = config_mod.build(sections, source=str(directory / "config.json"))
+    if recipe.task.kind != "lm":
+        verb = "nlm tag" if recipe.task.kind == "tag" else "nlm classify"
+        raise NlmError(f"{directory}: is a {'tagger' if recipe.task.kind == 'tag' else 'classifier'}, "
+                       f"not a language model; use {verb} eval or {verb} predict")
     tokenizer = tokenizers.from_json(read_json(directory / "tokenizer.json"), str(directory / "tokenizer.json"))
     if tokenizer.vocab_size != recipe.model.vocab_size:
         raise NlmError(f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, config.json says "

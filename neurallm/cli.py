@@ -40,6 +40,10 @@ def cmd_train(args, overrides: list[str]) -> int:
     if args.device is not None:
         extra.append(f"--train.device={args.device}")
     recipe = config.load_recipe(args.recipe, overrides + extra)
+    if recipe.task.kind != "lm":
+        verb = "tag" if recipe.task.kind == "tag" else "classify"
+        raise NlmError(f"recipe {args.recipe} trains a {'tagger' if verb == 'tag' else 'classifier'} "
+                       f"(task.kind = {recipe.task.kind}); use nlm {verb} train {args.recipe}")
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
     if args.save_as:
         from neurallm import store
@@ -63,6 +67,35 @@ def cmd_train(args, overrides: list[str]) -> int:
         f"best checkpoint: {result['checkpoint']}" +
         (f"  (curves: {out / 'curves.png'})" if (out / "curves.png").is_file() else "") +
         (f"; stored as {args.save_as}" if args.save_as else "")])
+    return 0
+
+
+def cmd_task(args, overrides: list[str]) -> int:
+    """nlm tag ... and nlm classify ...: taggers and classifiers."""
+    from neurallm.tasks import commands
+
+    kind = args.verb
+    if args.action == "predict":
+        return commands.predict(kind, args)
+    if args.action == "eval":
+        result = commands.evaluate(kind, args)
+        lines = [f"{result['file']}: accuracy {100 * result['accuracy']:.2f}% over "
+                 f"{result.get('words', result['sentences'])} {'words' if 'words' in result else 'sentences'}"]
+        if "f1" in result:
+            lines.append(f"entities: precision {100 * result['precision']:.2f}, recall {100 * result['recall']:.2f}, "
+                         f"F1 {100 * result['f1']:.2f}")
+            lines += [f"  {t:8} F1 {100 * v['f1']:.2f} ({v['support']})" for t, v in result["per_type"].items()]
+        _emit(result, args.json, lines)
+        return 0
+    result = commands.train(kind, args, overrides)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    figures = ", ".join(f"{k[6:]} {100 * result[k]:.2f}" for k in ("valid_accuracy", "valid_f1") if k in result)
+    _emit(result, args.json, [
+        f"trained {result['steps']} steps in {result['seconds']:.0f} s ({result['tokens_per_s']:.0f} words/s); "
+        f"train loss {result['train_loss']:.4f}; dev error {100 * result['valid_error']:.2f}% "
+        f"(best {100 * result['best_valid_error']:.2f}%){'; ' + figures if figures else ''}",
+        f"best checkpoint: {result['checkpoint']}"])
     return 0
 
 
@@ -272,7 +305,7 @@ def cmd_data(args, _) -> int:
         for name in sorted(corpora.REGISTRY):
             info = corpora.info(name)
             found = all(f["found"] for f in info["files"].values())
-            print(f"{name:16} {'found' if found else 'missing':8} {info['description']}")
+            print(f"{name:16} {'found' if found else 'missing':8} {info['task']:15} {info['description']}")
         return 0
     if not args.name:
         raise NlmError(f"nlm data {args.action}: name a corpus")
@@ -428,6 +461,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", help="keep the variants in this folder (default: a temporary one)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    for name, what in (("tag", "sequence tagging (POS, NER)"), ("classify", "sentence classification")):
+        p = verb(name, help=f"{what}: train RECIPE, eval CHECKPOINT, predict CHECKPOINT",
+                 epilog="train takes recipe overrides as nlm train does: --model.hidden_size=300")
+        actions = p.add_subparsers(dest="action", required=True)
+        t = actions.add_parser("train", parents=[common], help="train from a recipe")
+        t.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
+        t.add_argument("--out", help="run directory (default runs/RECIPE)")
+        t.add_argument("--max-steps", type=int)
+        t.add_argument("--max-minutes", type=float)
+        t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+        t.add_argument("--init-from", metavar="LM", help="start the encoder from an nlm language model "
+                                                         "(discriminative rates; task.unfreeze_steps for gradual unfreezing)")
+        t.add_argument("--json", action="store_true", help="last line: one JSON object summarising the run")
+        t.add_argument("--no-progress", action="store_true")
+        t.set_defaults(func=cmd_task, overrides=True)
+        e = actions.add_parser("eval", parents=[common], help="accuracy" + (", entity P/R/F1" if name == "tag" else "")
+                               + " on a corpus split or a file")
+        e.add_argument("checkpoint")
+        e.add_argument("--data", help="corpus name (default: the one the model was trained on)")
+        e.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+        e.add_argument("--file", help="a CoNLL-U or CoNLL column file" if name == "tag" else
+                       "a TSV of text, tab, label (header optional)")
+        e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        e.add_argument("--json", action="store_true")
+        e.set_defaults(func=cmd_task)
+        q = actions.add_parser("predict", parents=[common], help="label text from a file or stdin")
+        q.add_argument("checkpoint")
+        q.add_argument("--file", help="input (default: stdin)")
+        q.add_argument("--input", default="lines", choices=["lines", "tokens"],
+                       help="lines: a sentence per line, words split on spaces; tokens: a token per line, "
+                            "a blank line after each sentence")
+        q.add_argument("--batch-size", type=positive, default=64)
+        q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        q.add_argument("--json", action="store_true", help="one JSON object per sentence")
+        q.add_argument("--no-progress", action="store_true")
+        q.set_defaults(func=cmd_task)
 
     p = verb("data", help="known corpora: list, info NAME, download NAME")
     p.add_argument("action", choices=["list", "info", "download"])

@@ -1,6 +1,6 @@
 """Typed, frozen configuration: a recipe file plus dotted overrides.
 
-A recipe is a TOML file with the sections [data], [model], [train] and [chat]; every key
+A recipe is a TOML file with the sections [data], [model], [train], [chat] and [task]; every key
 maps to a field of the dataclass below, which owns its default and checks its
 value in ``__post_init__``. ``--model.hidden_size=650`` overrides one field.
 """
@@ -137,18 +137,60 @@ class ChatConfig:
         _check(self.turn_end != "", "chat.turn_end", self.turn_end, "a non-empty string: where a reply ends")
 
 
+TASKS = ("lm", "tag", "classify")
+POOLINGS = ("last", "max", "mean", "attention")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a model is for: a language model (the default), a sequence tagger or a sentence
+    classifier, and the settings only taggers and classifiers have. Their encoder is the
+    [model] section's stack, bidirectional; model.vocab_size is their word vocabulary."""
+
+    kind: str = "lm"  # lm | tag | classify
+    # Tagging: the label column, "upos" or "xpos" in CoNLL-U, a 0-based index (or -1, the last) in CoNLL columns.
+    column: str = ""  # "": upos for CoNLL-U, the last column otherwise
+    scheme: str = "none"  # span labels are trained as bio or bioes (files are read in IOB2); none: POS tags
+    decoder: str = "softmax"  # softmax | crf (a linear chain over the labels, Lample et al. 2016)
+    char: str = "cnn"  # character features of each word: none | cnn (Ma & Hovy 2016) | lstm (Lample et al. 2016)
+    char_emb_size: int = 30
+    char_size: int = 50  # CNN filters, or LSTM units per direction
+    lowercase: bool = False  # the word table looks up lower-cased forms (character features keep the case)
+    unk_replace: float = 0.0  # training replaces a word seen once by <unk> with this probability (Lample et al.)
+    pooling: str = "max"  # classification: last | max | mean | attention
+    # Transfer from an `nlm train` language model (Howard & Ruder 2018): its embedding and layers start
+    # the encoder's forward direction; each lower layer group trains at lr / discriminative; with
+    # unfreeze_steps > 0 the groups join training one at a time, top first, that many steps apart.
+    init_from: str = ""
+    discriminative: float = 2.6
+    unfreeze_steps: int = 0
+
+    def __post_init__(self):
+        _check(self.kind in TASKS, "task.kind", self.kind, "one of " + ", ".join(TASKS))
+        _check(self.scheme in ("none", "bio", "bioes"), "task.scheme", self.scheme, "none, bio or bioes")
+        _check(self.decoder in ("softmax", "crf"), "task.decoder", self.decoder, "softmax or crf")
+        _check(self.char in ("none", "cnn", "lstm"), "task.char", self.char, "none, cnn or lstm")
+        _check(self.pooling in POOLINGS, "task.pooling", self.pooling, "one of " + ", ".join(POOLINGS))
+        for key in ("char_emb_size", "char_size"):
+            _check(getattr(self, key) >= 1, f"task.{key}", getattr(self, key), "an integer >= 1")
+        _check(0.0 <= self.unk_replace < 1.0, "task.unk_replace", self.unk_replace, "a probability in [0, 1)")
+        _check(self.discriminative >= 1.0, "task.discriminative", self.discriminative, "a number >= 1")
+        _check(self.unfreeze_steps >= 0, "task.unfreeze_steps", self.unfreeze_steps, "an integer >= 0")
+
+
 @dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "chat": ChatConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "chat": ChatConfig, "task": TaskConfig}
 
 
 def _coerce(section: str, key: str, value, cls):
@@ -188,7 +230,7 @@ def _coerce(section: str, key: str, value, cls):
 def build(sections: dict, source: str = "recipe") -> Recipe:
     """Make a Recipe from ``{"model": {"hidden_size": 650}, ...}``, naming any unknown key."""
     if not isinstance(sections, dict):
-        raise NlmError(f"{source}: expected a table of sections [data], [model], [train], [chat]")
+        raise NlmError(f"{source}: expected a table of sections [data], [model], [train], [chat], [task]")
     parts = {}
     for section, values in sections.items():
         if section not in SECTIONS:

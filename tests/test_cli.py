@@ -83,8 +83,11 @@ def test_word_generate_and_data_verbs(word_run, capsys):
     assert capsys.readouterr().out.startswith("the company ")
     assert main(["data", "list"]) == 0
     listing = capsys.readouterr().out.splitlines()
-    found = {name: "found" if need(name).is_dir() else "missing" for name in ("ptb", "tinyshakespeare", "wikitext-2")}
+    names = ("conll2003", "ptb", "sst2", "sst5", "tinyshakespeare", "ud-english-ewt", "wikitext-2")
+    found = {name: "found" if need(name).is_dir() else "missing" for name in names}
     assert [line.split()[:2] for line in listing] == [[name, state] for name, state in sorted(found.items())]
+    assert listing[names.index("conll2003")].split()[2] == "tagging" and listing[names.index("sst2")].split()[2] == \
+        "classification"
     assert main(["data", "info", "ptb"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["files"]["ptb.train.txt"]["sha256"].startswith("fcea919f")

@@ -19,6 +19,8 @@ def test_every_recipe_loads(name):
     recipe = config.load_recipe(name)
     assert recipe.model.num_layers >= 1 and recipe.train.epochs >= 1
     assert recipe.data.corpus
+    if recipe.task.kind != "lm":
+        return _task_model_runs(recipe)
     # The model it describes builds and runs, at its corpus's real vocabulary size.
     vocab = {"char": 65, "bpe": recipe.data.bpe_vocab_size}.get(recipe.data.tokenizer) or \
         {"ptb": 10000, "wikitext-2": 33278}[recipe.data.corpus]
@@ -27,6 +29,23 @@ def test_every_recipe_loads(name):
     features, _ = model(ids)
     loss = model.loss(features[:, :-1], ids[:, 1:])
     assert torch.isfinite(loss) and 0 < loss.item() < 2 * math.log(vocab)
+
+
+def _task_model_runs(recipe):
+    """A tagger's or classifier's recipe builds its model, whose loss on a padded batch is finite."""
+    from neurallm.tasks import classification, tagging
+    from neurallm.tasks.sentences import Vocab, collate, encode
+
+    labels = ["B-PER", "I-PER", "E-PER", "S-PER", "O"] if recipe.task.scheme == "bioes" else ["A", "B", "C"]
+    vocab = Vocab.build([["the", "cat"], ["sat", "on", "a", "mat"]], labels)
+    recipe = config.replace(recipe, model={"vocab_size": len(vocab.words)})
+    module = tagging if recipe.task.kind == "tag" else classification
+    model = module.make_model(recipe, vocab)
+    targets = [[0, 1], [2, 0, 1, 2]] if recipe.task.kind == "tag" else [0, 2]
+    if recipe.task.scheme == "bioes":
+        targets = [[4, 4], [4, 3, 4, 4]]  # O O, O S-PER O O: a legal path
+    batch = collate([encode(vocab, w, y) for w, y in zip([["the", "cat"], ["a", "dog", "sat", "."]], targets)])
+    assert torch.isfinite(model.loss(batch))
 
 
 def test_overrides_are_typed():

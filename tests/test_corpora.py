@@ -117,3 +117,74 @@ def test_folder_corpus(word_corpus):
     assert corpora.split_text(str(word_corpus), "valid").count("\n") == 40
     with pytest.raises(NlmError, match="unknown corpus 'nowhere'"):
         corpora.split_text("nowhere", "train")
+
+
+# The labelled sets: token tagging (UD EWT, CoNLL-2003) and sentence classification (SST-2, SST-5)
+
+LABELLED = {"ud-english-ewt": "tagging", "conll2003": "tagging", "sst2": "classification", "sst5": "classification"}
+
+
+def test_labelled_corpora_have_a_task_and_a_source_or_recipe_for_every_file():
+    assert {corpus.task for corpus in corpora.REGISTRY.values()} == set(corpora.TASKS)
+    for name, task in LABELLED.items():
+        corpus = corpora.REGISTRY[name]
+        assert corpus.task == task and corpora.info(name)["task"] == task
+        assert set(corpus.splits) == {"train", "valid", "test"}
+        # A source without members is saved under its URL's file name.
+        downloaded = {local for s in corpus.sources for local in (s.members.values() or corpora._extract(s, b""))}
+        assert downloaded | set(corpus.derived) == set(corpus.files) and not downloaded & set(corpus.derived)
+    ewt_train = corpora.REGISTRY["ud-english-ewt"].sources[0]
+    assert corpora._extract(ewt_train, b"x") == {"en_ewt-ud-train.conllu": b"x"}
+    assert "research" in corpora.REGISTRY["conll2003"].description
+
+
+@pytest.mark.parametrize("name", sorted(LABELLED))
+def test_split_path_checks_each_split_file(name):
+    corpus = corpora.REGISTRY[name]
+    for split, filename in corpus.splits.items():
+        need(name, filename)
+        path = corpora.split_path(name, split)
+        assert path.name == filename and corpora.sha256(path) == corpus.files[filename]
+    assert corpora.split_path(name, "dev") == corpora.split_path(name, "valid")  # UD, GLUE and SST say dev
+    with pytest.raises(NlmError, match=rf"corpus {name} has no split 'tune'"):
+        corpora.split_path(name, "tune")
+
+
+def test_split_names():
+    assert corpora.split_file(corpora.get("sst2"), "dev") == "dev.tsv"
+    assert corpora.split_file(corpora.get("sst2"), "test") == "test_labeled.tsv"  # test.tsv has no labels
+    assert corpora.split_file(corpora.get("ud-english-ewt"), "valid") == "en_ewt-ud-dev.conllu"
+    assert corpora.split_file(corpora.get("ptb"), "dev") == "ptb.valid.txt"
+
+
+def test_split_text_is_for_language_model_corpora():
+    with pytest.raises(NlmError, match="corpus conll2003 holds tagging data, not running text"):
+        corpora.split_text("conll2003", "train")
+
+
+def test_missing_labelled_files_say_where_they_come_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NLM_OFFLINE", "1")
+    with pytest.raises(NlmError) as err:
+        corpora.split_path("conll2003", "dev")
+    assert "missing valid.txt" in str(err.value) and "Franck-Dernoncourt/NeuroNER" in str(err.value)
+
+
+def test_derived_file_is_never_downloaded_and_says_how_it_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NLM_OFFLINE", raising=False)
+    monkeypatch.setattr(corpora.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(NlmError) as err:
+        corpora.split_path("sst2", "test")
+    message = str(err.value)
+    assert "missing test_labeled.tsv; it has no download" in message and str(tmp_path / "sst2") in message
+    assert "GLUE publishes no SST-2 test labels" in message and "sst5/test.txt" in message
+
+
+def test_data_list_shows_each_task(capsys):
+    from neurallm.cli import main
+
+    assert main(["data", "list"]) == 0
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()}
+    assert rows == {name: corpus.task for name, corpus in corpora.REGISTRY.items()}

@@ -71,27 +71,46 @@ class Layer(nn.Module):
         suffix = "_l0_reverse" if direction else "_l0"
         return [getattr(self.rnn, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
 
-    def forward(self, x, state, reference: bool = False, weight_drop: float = 0.0):
-        """x (batch, time, input), state (parts, dirs, batch, hidden) -> (batch, time, dirs * hidden), state."""
+    def forward(self, x, state, reference: bool = False, weight_drop: float = 0.0, lengths=None):
+        """x (batch, time, input), state (parts, dirs, batch, hidden) -> (batch, time, dirs * hidden), state.
+        ``lengths`` (batch,): padded sentences, each read to its own end (the backward direction
+        starts there); outputs past a row's length are zeros."""
+        if lengths is not None:
+            if reference:
+                raise ValueError("the reference equations read whole rows (no lengths)")
+            return self._packed(x, state, lengths, weight_drop)
         if reference:
             return self._reference(x, state)
         if x.size(1) == 1 and not self.training and x.device.type == "cpu":
             # A single decoding step on the CPU: oneDNN's fused RNN has a set-up cost per call
             # that outweighs one step's two small matmuls, so the written-out cell is faster.
             return self._reference(x, state, self._step_weights)
-        if weight_drop and self.training:
-            # DropConnect on the hidden-to-hidden weights, one mask per forward pass (Merity et al. 2017).
-            dropped = {name: drop(w, weight_drop) for name, w in self.rnn.named_parameters()
-                       if name.startswith("weight_hh")}
-            call = lambda *args: functional_call(self.rnn, dropped, args)  # noqa: E731
-        else:
-            call = self.rnn
+        call = self._call(weight_drop)
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not runtime.cpu_bf16_kernels():
             # oneDNN has no bf16 recurrent kernel on CPUs without bf16 instructions: the
             # recurrence runs in fp32 there, the layers around it in bf16.
             with torch.autocast("cpu", enabled=False):
                 return self._fused(call, x.float(), state.float())
         return self._fused(call, x, state)
+
+    def _call(self, weight_drop: float):
+        if weight_drop and self.training:
+            # DropConnect on the hidden-to-hidden weights, one mask per forward pass (Merity et al. 2017).
+            dropped = {name: drop(w, weight_drop) for name, w in self.rnn.named_parameters()
+                       if name.startswith("weight_hh")}
+            return lambda *args: functional_call(self.rnn, dropped, args)
+        return self.rnn
+
+    def _packed(self, x, state, lengths, weight_drop):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        if torch.is_autocast_enabled(x.device.type):  # packed kernels take one dtype for input and weights
+            with torch.autocast(x.device.type, enabled=False):
+                return self._packed(x.float(), state.float(), lengths, weight_drop)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, final = self._fused(self._call(weight_drop), packed, state)  # the state's rows keep x's order
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+        return out, final
 
     def _fused(self, call, x, state):
         if self.cell == "lstm":
@@ -162,14 +181,15 @@ class RecurrentStack(nn.Module):
         return torch.zeros(self.num_layers, self.parts, self.directions, batch, self.hidden_size,
                            device=device, dtype=dtype)
 
-    def forward(self, x, state=None, reference: bool = False):
-        """x (batch, time, input) -> (batch, time, dirs * hidden), state (layers, parts, dirs, batch, hidden)."""
+    def forward(self, x, state=None, reference: bool = False, lengths=None):
+        """x (batch, time, input) -> (batch, time, dirs * hidden), state (layers, parts, dirs, batch, hidden).
+        ``lengths`` (batch,): rows padded past their length (sentences), read to their own ends."""
         if state is None:
             state = self.init_state(x.size(0), x.device, x.dtype)
         finals, below = [], [x]
         for i, layer in enumerate(self.layers):
             inp = torch.cat(below, dim=2) if self.connection == "dense" else below[-1]
-            out, final = layer(inp, state[i], reference=reference, weight_drop=self.weight_drop)
+            out, final = layer(inp, state[i], reference=reference, weight_drop=self.weight_drop, lengths=lengths)
             if self.joins[i]:
                 out = out + inp if self.connection == "residual" else self.highways[i](out, inp)
             if i < self.num_layers - 1:

@@ -1,0 +1,37 @@
+"""A sequence tagger: the encoder, a linear layer to label scores, and a softmax per word or a
+linear-chain CRF over the sentence (Huang et al. 2015; Lample et al. 2016)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurallm.config import ModelConfig, TaskConfig
+from neurallm.models.crf import CRF, constraints
+from neurallm.models.encoder import Encoder
+
+
+class Tagger(nn.Module):
+    def __init__(self, model: ModelConfig, task: TaskConfig, chars: int, labels: list[str], extra_size: int = 0):
+        super().__init__()
+        self.encoder = Encoder(model, task, chars, extra_size)
+        self.output = nn.Linear(self.encoder.output_size, len(labels))
+        self.crf = CRF(len(labels), *constraints(labels, task.scheme)) if task.decoder == "crf" else None
+
+    def emissions(self, batch):  # (batch, time, labels)
+        return self.output(self.encoder(batch.words, batch.chars, batch.lengths, batch.extra)).float()
+
+    def loss(self, batch):
+        """Mean over the batch's words: cross-entropy per word, or the CRF's sentence NLL per word."""
+        scores, mask = self.emissions(batch), batch.mask
+        if self.crf is not None:
+            return self.crf.nll(scores, batch.labels, mask).sum() / mask.sum()
+        return F.cross_entropy(scores[mask], batch.labels[mask])
+
+    @torch.no_grad()
+    def predict(self, batch) -> torch.Tensor:
+        """(batch, time) label ids; positions past a sentence's end hold 0."""
+        scores = self.emissions(batch)
+        best = self.crf.decode(scores, batch.mask) if self.crf is not None else scores.argmax(-1)
+        return best.masked_fill(~batch.mask, 0)

@@ -101,14 +101,14 @@ def cmd_task(args, overrides: list[str]) -> int:
 
 def _tokens_of(args, tokenizer, recipe):
     """-> (ids, counts of what the vocabulary could not hold, where the text came from)."""
+    from neurallm import config
     from neurallm.data import corpora
     from neurallm.evaluate import encode
 
-    if args.file:
-        source, text = args.file, corpora.read_text(args.file)
-    else:
-        name = args.data or recipe.data.corpus
-        source, text = f"{name}/{args.split}", corpora.split_text(name, args.split)
+    name = args.data or recipe.data.corpus
+    data = config.replace(recipe, data={"corpus": name}).data
+    text = corpora.text_of(data, args.split, args.file)  # backwards for a backward model
+    source = args.file or f"{name}/{args.split}"
     ids, counts = encode(tokenizer, text, source, args.unknown)
     return ids, counts, source
 

@@ -36,6 +36,9 @@ class DataConfig:
     # training split; every other word is <unk> in training too, so <unk> gets a real probability.
     max_vocab: int = 0  # 0: no cap
     min_freq: int = 1
+    # The text read backwards, character by character: a backward language model, such as the one
+    # whose states feed a tagger with contextual character features (task.lm_features, Akbik et al. 2018).
+    reverse: bool = False
 
     def __post_init__(self):
         _check(self.tokenizer in ("word", "char", "bpe"), "data.tokenizer", self.tokenizer, "word, char or bpe")
@@ -162,6 +165,9 @@ class TaskConfig:
     # the encoder's forward direction; each lower layer group trains at lr / discriminative; with
     # unfreeze_steps > 0 the groups join training one at a time, top first, that many steps apart.
     init_from: str = ""
+    # Tagging: contextual features from character language models trained with `nlm train`, given as
+    # "FORWARD,BACKWARD" checkpoints (the backward one trained with data.reverse = true); kept frozen.
+    lm_features: str = ""
     discriminative: float = 2.6
     unfreeze_steps: int = 0
 

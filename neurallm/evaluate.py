@@ -45,7 +45,7 @@ def heldout_ids(recipe, tokenizer, tokens: int, file: str | None = None) -> list
     from neurallm.data import corpora
 
     source = file or f"{recipe.data.corpus}/valid"
-    text = corpora.read_text(file) if file else corpora.split_text(recipe.data.corpus, "valid")
+    text = corpora.text_of(recipe.data, "valid", file)
     ids = tokenizer.encode(text[: tokens * 40], source=source) if tokenizer.kind != "char" else \
         tokenizer.encode("".join(c for c in text[: tokens * 2] if c in tokenizer.index), source=source)
     if len(ids) < 2:

@@ -1,4 +1,5 @@
-"""Training curves: train and validation loss against steps, next to the checkpoint."""
+"""Training curves: train and validation loss against steps (a tagger's or classifier's dev
+accuracy and F1 beside them), next to the checkpoint."""
 
 from __future__ import annotations
 
@@ -27,7 +28,17 @@ def training_curves(metrics: Path, out: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    # A tagger's or classifier's validation figure: accuracy, and F1 for entities, on a second axis.
+    scored = [key for key in ("valid_accuracy", "valid_f1") if any(key in r for r in records)]
+    if scored:
+        right = ax.twinx()
+        for key, style in zip(scored, ("s-", "^-")):
+            points = [(r["step"], 100 * r[key]) for r in records if key in r]
+            right.plot(*zip(*points), style, color="tab:green" if key == "valid_accuracy" else "tab:red",
+                       label=f"dev {key[6:]}")
+        right.set_ylabel("dev %")
+        right.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

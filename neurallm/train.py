@@ -44,11 +44,11 @@ def make_tokenizer(recipe: config.Recipe, train_text: str):
 def prepare_data(recipe: config.Recipe, tokenizer=None):
     """Train the tokenizer on the training split (unless given) and encode train and valid."""
     name = recipe.data.corpus
-    train_text = corpora.split_text(name, "train")
+    train_text = corpora.text_of(recipe.data, "train")
     if tokenizer is None:
         tokenizer = make_tokenizer(recipe, train_text)
     train_ids = with_boundary(tokenizer, tokenizer.encode(train_text, source=f"{name}/train"))
-    valid_ids = with_boundary(tokenizer, tokenizer.encode(corpora.split_text(name, "valid"), source=f"{name}/valid"))
+    valid_ids = with_boundary(tokenizer, tokenizer.encode(corpora.text_of(recipe.data, "valid"), source=f"{name}/valid"))
     return tokenizer, train_ids, valid_ids
 
 
@@ -84,7 +84,7 @@ class LanguageModelling(fit.Task):
     def _shared_tokenizer(self, recipe: config.Recipe):
         """Rank 0 trains the tokenizer and sends it to the others: one vocabulary, built once."""
         made = []
-        self.loop.on_rank0(lambda: made.append(make_tokenizer(recipe, corpora.split_text(recipe.data.corpus, "train"))))
+        self.loop.on_rank0(lambda: made.append(make_tokenizer(recipe, corpora.text_of(recipe.data, "train"))))
         box = [made[0].to_json() if made else None]
         dist.broadcast_object_list(box, 0)
         return tokenizers.from_json(box[0])

@@ -77,6 +77,30 @@ run="$work/run"
   NLM_HOME="$work/home" "$nlm" models add "$run" tiny
   NLM_HOME="$work/home" "$nlm" generate tiny --max-tokens 5 > /dev/null
   NLM_HOME="$work/home" "$nlm" models list
+  # A tagger (conllu; seqeval for entities) and a classifier, trained, scored and run on slices of the real files.
+  data="${NLM_DATA_DIR:-$root/../shared/data}"
+  mkdir -p "$work/ud" "$work/ner" "$work/sst"
+  if [ -d "$data/ud-english-ewt" ] && [ -d "$data/conll2003" ] && [ -d "$data/sst2" ]; then
+    awk 'BEGIN{RS=""; ORS="\n\n"} NR<=30' "$data/ud-english-ewt/en_ewt-ud-dev.conllu" > "$work/ud/train.conllu"
+    awk 'BEGIN{RS=""; ORS="\n\n"} NR<=40' "$data/conll2003/valid.txt" > "$work/ner/train.txt"
+    head -n 200 "$data/sst2/train.tsv" > "$work/sst/train.tsv"
+    head -n 50 "$data/sst2/dev.tsv" > "$work/sst/dev.tsv"
+  else
+    printf '1\tThe\tthe\tDET\t_\t_\t2\tdet\t_\t_\n2\tdog\tdog\tNOUN\t_\t_\t0\troot\t_\t_\n\n' > "$work/ud/train.conllu"
+    printf 'Peter NNP B-NP B-PER\nwent VBD B-VP O\nto TO B-PP O\nParis NNP B-NP B-LOC\n\n' > "$work/ner/train.txt"
+    printf 'sentence\tlabel\ngood film\t1\nbad film\t0\n' > "$work/sst/train.tsv"
+    cp "$work/sst/train.tsv" "$work/sst/dev.tsv"
+  fi
+  cp "$work/ud/train.conllu" "$work/ud/dev.conllu"
+  cp "$work/ner/train.txt" "$work/ner/valid.txt"
+  small="--model.hidden_size=16 --model.emb_size=16 --task.char_size=8 --task.char_emb_size=8 --train.batch_size=8"
+  "$nlm" tag train ud-ewt-upos --out "$work/pos" --max-steps 3 --no-progress --data.corpus="$work/ud" $small
+  "$nlm" tag eval "$work/pos" --file "$work/ud/dev.conllu" --json
+  echo "The dog barks ." | "$nlm" tag predict "$work/pos"
+  "$nlm" tag train conll2003-ner --out "$work/ner-run" --max-steps 3 --no-progress --data.corpus="$work/ner" $small
+  "$nlm" tag eval "$work/ner-run" --file "$work/ner/valid.txt" --json
+  "$nlm" classify train sst2 --out "$work/cls" --max-steps 3 --no-progress --data.corpus="$work/sst" $small
+  echo "a fine film" | "$nlm" classify predict "$work/cls"
   # Byte-level BPE (tokenizers' DecodeStream streams its output) and the progress bar (tqdm).
   "$nlm" train ptb-small --out "$work/bpe" --max-steps 2 --no-progress --data.corpus="$corpus" \
     --data.tokenizer=bpe --data.bpe_vocab_size=300 --model.hidden_size=16 --model.emb_size=16 \

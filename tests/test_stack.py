@@ -102,3 +102,21 @@ def test_keep_mask_rates_the_bits_cannot_express(p):
     assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1 / n
     kept = mask[mask > 0]
     assert kept.numel() == 0 or abs(kept[0].item() - 1 / (1 - p)) < 1e-3 / (1 - p)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_padded_rows_read_as_if_alone(cell):
+    """A batch of right-padded sentences: each row's outputs equal those of the row run alone, in
+    both directions (the backward one starts at the row's own end), and gradients reach every
+    real position, none the padding."""
+    torch.manual_seed(0)
+    stack = RecurrentStack(cell, 5, 4, 2, bidirectional=True, connection="residual")
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4])
+    out, _ = stack(x, lengths=lengths)
+    for row, n in enumerate(lengths.tolist()):
+        alone, _ = stack(x[row:row + 1, :n])
+        assert torch.allclose(out[row, :n], alone[0], atol=1e-6)
+    mask = torch.arange(6) < lengths.unsqueeze(1)
+    (out * mask.unsqueeze(2)).sum().backward()
+    assert (x.grad.abs().sum(2) > 0).equal(mask)

@@ -343,6 +343,13 @@ def split_text(name: str, split: str) -> str:
     return text
 
 
+def text_of(data, split: str, file: str | None = None) -> str:
+    """What a language model with the [data] section ``data`` reads: a split or a file, backwards
+    when data.reverse is set (each model reads text in the direction it was trained in)."""
+    text = read_text(file) if file else split_text(data.corpus, split)
+    return text[::-1] if data.reverse else text
+
+
 def info(name: str) -> dict:
     corpus = get(name)
     files = {}

@@ -41,9 +41,12 @@ class CharLSTM(nn.Module):
         self.output_size = 2 * size
 
     def forward(self, chars):  # (words, letters) -> (words, 2 * size)
-        _, state = self.stack(self.embedding(chars), lengths=(chars != PAD).sum(1))
-        h = state[-1, 0]  # (dirs, words, size): forward's state after the last letter, backward's after the first
-        return torch.cat([h[0], h[1]], dim=1)
+        lengths = (chars != PAD).sum(1)
+        out, _ = self.stack(self.embedding(chars), lengths=lengths)  # (words, letters, 2 * size)
+        size = out.size(2) // 2
+        # The forward direction after the last letter, the backward one after (reading back to) the first.
+        last = out[torch.arange(out.size(0), device=out.device), lengths - 1, :size]
+        return torch.cat([last, out[:, 0, size:]], dim=1)
 
 
 class Encoder(nn.Module):

@@ -22,6 +22,17 @@ from neurallm import runtime
 from neurallm.models import cells
 
 FUSED = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+# The kernels behind those modules, called with one direction's weights:
+# (input, state, weights, has_biases, layers, dropout, train, bidirectional, batch_first).
+FUNCTIONS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}
+
+
+def flip(x, lengths):
+    """Each row of (batch, time, features) reversed within its length; the padding stays where it is."""
+    t = torch.arange(x.size(1), device=x.device).unsqueeze(0)  # (1, time)
+    n = lengths.to(x.device).unsqueeze(1)  # (batch, 1)
+    index = torch.where(t < n, n - 1 - t, t)  # (batch, time)
+    return x.gather(1, index.unsqueeze(2).expand_as(x))
 
 
 def keep_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor:
@@ -73,12 +84,13 @@ class Layer(nn.Module):
 
     def forward(self, x, state, reference: bool = False, weight_drop: float = 0.0, lengths=None):
         """x (batch, time, input), state (parts, dirs, batch, hidden) -> (batch, time, dirs * hidden), state.
-        ``lengths`` (batch,): padded sentences, each read to its own end (the backward direction
-        starts there); outputs past a row's length are zeros."""
+        ``lengths`` (batch,): right-padded sentences, each read to its own end (the backward direction
+        starts there); outputs past a row's length, and the final state of a row shorter than the
+        batch, hold no meaning."""
         if lengths is not None:
             if reference:
                 raise ValueError("the reference equations read whole rows (no lengths)")
-            return self._packed(x, state, lengths, weight_drop)
+            return self._padded(x, state, lengths, weight_drop)
         if reference:
             return self._reference(x, state)
         if x.size(1) == 1 and not self.training and x.device.type == "cpu":
@@ -101,16 +113,28 @@ class Layer(nn.Module):
             return lambda *args: functional_call(self.rnn, dropped, args)
         return self.rnn
 
-    def _packed(self, x, state, lengths, weight_drop):
-        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-        if torch.is_autocast_enabled(x.device.type):  # packed kernels take one dtype for input and weights
-            with torch.autocast(x.device.type, enabled=False):
-                return self._packed(x.float(), state.float(), lengths, weight_drop)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self._fused(self._call(weight_drop), packed, state)  # the state's rows keep x's order
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
-        return out, final
+    def _padded(self, x, state, lengths, weight_drop):
+        """Each direction alone through the fused kernel: the forward one reads the rows as they are
+        (their padding comes after every real word), the backward one each row reversed within its
+        length. PyTorch's packed sequences would give the same outputs, but run a loop of small
+        per-step operations on the CPU, about twice as slow for a tagger's batch."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not runtime.cpu_bf16_kernels():
+            with torch.autocast("cpu", enabled=False):  # no bf16 recurrent kernel here (see forward)
+                return self._padded(x.float(), state.float(), lengths, weight_drop)
+        run = FUNCTIONS[self.cell]
+        outs, finals = [], []
+        for d in range(self.directions):
+            weights = self.weights(d)
+            if weight_drop and self.training:  # DropConnect, as in forward
+                weights = [weights[0], drop(weights[1], weight_drop), *weights[2:]]
+            inp = x if d == 0 else flip(x, lengths)
+            hx = state[:, d].unsqueeze(1)  # (parts, 1 layer, batch, hidden)
+            hx = (hx[0].contiguous(), hx[1].contiguous()) if self.cell == "lstm" else hx[0].contiguous()
+            result = run(inp, hx, weights, True, 1, 0.0, self.training, False, True)
+            out = result[0]
+            outs.append(out if d == 0 else flip(out, lengths))
+            finals.append(torch.stack(result[1:]).squeeze(1))  # (parts, batch, hidden)
+        return torch.cat(outs, dim=2), torch.stack(finals, dim=1)
 
     def _fused(self, call, x, state):
         if self.cell == "lstm":
@@ -189,7 +213,8 @@ class RecurrentStack(nn.Module):
         finals, below = [], [x]
         for i, layer in enumerate(self.layers):
             inp = torch.cat(below, dim=2) if self.connection == "dense" else below[-1]
-            out, final = layer(inp, state[i], reference=reference, weight_drop=self.weight_drop, lengths=lengths)
+            padded = {} if lengths is None else {"lengths": lengths}  # (a quantized layer reads whole rows only)
+            out, final = layer(inp, state[i], reference=reference, weight_drop=self.weight_drop, **padded)
             if self.joins[i]:
                 out = out + inp if self.connection == "residual" else self.highways[i](out, inp)
             if i < self.num_layers - 1:

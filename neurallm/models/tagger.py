@@ -10,17 +10,22 @@ from torch import nn
 from neurallm.config import ModelConfig, TaskConfig
 from neurallm.models.crf import CRF, constraints
 from neurallm.models.encoder import Encoder
+from neurallm.models.lmfeatures import CharLMFeatures
 
 
 class Tagger(nn.Module):
-    def __init__(self, model: ModelConfig, task: TaskConfig, chars: int, labels: list[str], extra_size: int = 0):
+    def __init__(self, model: ModelConfig, task: TaskConfig, chars: int, labels: list[str],
+                 features: list[dict] | None = None):
         super().__init__()
-        self.encoder = Encoder(model, task, chars, extra_size)
+        # Frozen character LMs whose states join each word's input (Akbik et al. 2018), when described.
+        self.features = CharLMFeatures(features) if features else None
+        self.encoder = Encoder(model, task, chars, self.features.output_size if self.features else 0)
         self.output = nn.Linear(self.encoder.output_size, len(labels))
         self.crf = CRF(len(labels), *constraints(labels, task.scheme)) if task.decoder == "crf" else None
 
     def emissions(self, batch):  # (batch, time, labels)
-        return self.output(self.encoder(batch.words, batch.chars, batch.lengths, batch.extra)).float()
+        extra = batch.extra.float() if batch.extra is not None else None
+        return self.output(self.encoder(batch.words, batch.chars, batch.lengths, extra)).float()
 
     def loss(self, batch):
         """Mean over the batch's words: cross-entropy per word, or the CRF's sentence NLL per word."""

@@ -18,7 +18,7 @@ from torch import nn
 from neurallm import checkpoint, config, fit
 from neurallm.data import corpora
 from neurallm.errors import NlmError
-from neurallm.tasks.sentences import Vocab, buckets, collate, num_batches, singletons
+from neurallm.tasks.sentences import Vocab, buckets, collate, num_batches, singletons, with_features
 
 
 class Objective(nn.Module):
@@ -52,7 +52,7 @@ class SentenceTask(fit.Task):
     kind = ""  # "tag" or "classify"
     resume_keys = (("train", "batch_size"), ("train", "optimizer")) + tuple(
         ("task", k) for k in ("kind", "column", "scheme", "decoder", "char", "char_emb_size", "char_size",
-                              "lowercase", "pooling", "init_from"))
+                              "lowercase", "pooling", "init_from", "lm_features"))
 
     def __init__(self, recipe: config.Recipe):
         if recipe.task.kind != self.kind:
@@ -95,8 +95,19 @@ class SentenceTask(fit.Task):
             # The label inventory is that of train and dev (a label dev holds and train lacks is still a label).
             self.vocab = Vocab.build(words, self.label_set(labels + self.valid[2]), recipe.data.max_vocab,
                                      recipe.data.min_freq, recipe.task.lowercase)
+        features = None
+        if recipe.task.lm_features and not resume:
+            if self.kind != "tag":
+                raise NlmError("task.lm_features: contextual character-LM features feed taggers only")
+            from neurallm.models.lmfeatures import CharLMFeatures
+
+            features = CharLMFeatures.load([p.strip() for p in recipe.task.lm_features.split(",") if p.strip()])
+            self.vocab.features = features.described
         lm = None
-        if recipe.task.init_from:
+        if recipe.task.init_from and resume:  # the run's own encoder shape; the LM's weights are long trained on
+            saved = checkpoint.read_json(loop.out / "config.json")["model"]
+            recipe = config.replace(recipe, model={k: saved[k] for k in LM_KEYS})
+        elif recipe.task.init_from:
             lm = transfer_recipe(recipe)
             recipe = lm[1]
         self.recipe = config.replace(recipe, model={"vocab_size": len(self.vocab.words)})
@@ -104,6 +115,10 @@ class SentenceTask(fit.Task):
         self.examples = [self.example(w, y) for w, y in zip(words, ids)]
         self.rare = singletons(self.examples)
         self.model = self.make_model(self.vocab).to(loop.device)
+        if features is not None:
+            self.model.features.load_state_dict(features.state_dict())
+        self.words = words  # for the character-LM features, computed once at the first step (the LMs are
+        # frozen; a resumed run has its weights only then)
         if lm is not None and not resume:
             self.transferred = copy_language_model(lm[0], self.model.encoder, self.vocab)
         self.objective = Objective(self.model)
@@ -132,6 +147,9 @@ class SentenceTask(fit.Task):
         return self.order[1]
 
     def loss(self, objective, index: int):
+        if self.words is not None:
+            with_features(self.model, self.examples, self.words)
+            self.words = None
         rows = self._batches()[index]
         rows = rows[self.loop.rank::self.loop.world]  # each process its share of the batch
         batch = collate([self.examples[i] for i in rows], self.loop.device, (self.rare, self.recipe.task.unk_replace))
@@ -162,7 +180,7 @@ class SentenceTask(fit.Task):
         seen = {id(p) for g in [bottom, *layers] for p in g}
         rest = [p for p in encoder.stack.parameters() if id(p) not in seen]  # highway gates go with the head
         head = [p for n, p in self.model.named_parameters() if not n.startswith("encoder.")] + rest
-        return [bottom, *layers, head]
+        return [[p for p in g if p.requires_grad] for g in [bottom, *layers, head]]  # frozen LM features: none
 
     def param_groups(self) -> list[dict]:
         return [{"params": g} for g in self.groups()]
@@ -187,13 +205,22 @@ LM_KEYS = ("cell", "emb_size", "hidden_size", "num_layers", "connection")
 
 def transfer_recipe(recipe: config.Recipe):
     """The language model named by task.init_from, and the recipe with its encoder shape."""
-    lm, lm_recipe, tokenizer = checkpoint.load(recipe.task.init_from)
+    source = recipe.task.init_from
+    if "quantization" in checkpoint.describe(source)[1]:
+        raise NlmError(f"task.init_from {source}: a quantized language model; start from the checkpoint it "
+                       "was quantized from")
+    lm, lm_recipe, tokenizer = checkpoint.load(source)
     if tokenizer.kind != "word":
-        raise NlmError(f"task.init_from {recipe.task.init_from}: a {tokenizer.kind}-level language model; "
+        raise NlmError(f"task.init_from {source}: a {tokenizer.kind}-level language model; "
                        "the encoder's word table needs a word-level one")
-    if lm_recipe.model.connection == "dense":
-        raise NlmError(f"task.init_from {recipe.task.init_from}: a stack with dense connections cannot start a "
-                       "bidirectional encoder (its layers read inputs of other widths)")
+    if lm_recipe.model.connection != "none":
+        # The encoder's layers read other widths (both directions below, character features), so the LM's
+        # residual or highway joins would not join the same things: its forward pass could not be reproduced.
+        raise NlmError(f"task.init_from {source}: a stack with {lm_recipe.model.connection} connections; "
+                       "transfer needs plain stacked layers (model.connection = none)")
+    if lm_recipe.data.reverse:
+        raise NlmError(f"task.init_from {source}: a backward language model (data.reverse); it cannot start the "
+                       "encoder's forward direction")
     shape = {k: getattr(lm_recipe.model, k) for k in LM_KEYS}
     return (lm, tokenizer), config.replace(recipe, model=shape)
 

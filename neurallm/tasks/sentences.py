@@ -28,6 +28,7 @@ class Vocab:
     chars: list[str]
     labels: list[str]
     lowercase: bool = False
+    features: list[dict] | None = None  # character LMs whose states feed a tagger (models/lmfeatures.py)
 
     def __post_init__(self):
         self.word_index = {w: i for i, w in enumerate(self.words)}
@@ -45,12 +46,13 @@ class Vocab:
 
     def to_json(self) -> dict:
         return {"type": "labelled", "words": self.words, "chars": self.chars, "labels": self.labels,
-                "lowercase": self.lowercase}
+                "lowercase": self.lowercase, **({"features": self.features} if self.features else {})}
 
     @classmethod
     def from_json(cls, data: dict, source: str = "vocab.json") -> "Vocab":
         try:
-            return cls(list(data["words"]), list(data["chars"]), list(data["labels"]), bool(data["lowercase"]))
+            return cls(list(data["words"]), list(data["chars"]), list(data["labels"]), bool(data["lowercase"]),
+                       data.get("features"))
         except (KeyError, TypeError) as e:
             raise NlmError(f"{source}: not a tagger's or classifier's vocabulary ({e})") from None
 
@@ -81,6 +83,7 @@ class Example:
     words: list[int]
     chars: list[list[int]]
     labels: list[int] | int | None = None
+    extra: torch.Tensor | None = None  # (words, features): character-LM features, when the model reads them
 
 
 @dataclass
@@ -127,11 +130,27 @@ def collate(examples: list[Example], device=None, unk: tuple[torch.Tensor, float
             labels = torch.zeros(n, time, dtype=torch.long)
             for i, e in enumerate(examples):
                 labels[i, :len(e.labels)] = torch.tensor(e.labels)
-    batch = Batch(words, chars, lengths, mask, labels)
+    extra = None
+    if examples[0].extra is not None:
+        extra = torch.zeros(n, time, examples[0].extra.size(1))
+        for i, e in enumerate(examples):
+            extra[i, :len(e.words)] = e.extra
+    batch = Batch(words, chars, lengths, mask, labels, extra)
     if device is not None and torch.device(device).type != "cpu":
         batch = Batch(*(t.to(device) if t is not None else None for t in
-                        (batch.words, batch.chars, batch.lengths, batch.mask, batch.labels)))
+                        (batch.words, batch.chars, batch.lengths, batch.mask, batch.labels, batch.extra)))
     return batch
+
+
+def with_features(model, examples: list[Example], sentences: list[list[str]], chunk: int = 256) -> list[Example]:
+    """Fill in each example's character-LM features when the model reads them (a tagger with
+    task.lm_features); a no-op otherwise."""
+    features = getattr(model, "features", None)
+    if features is not None:
+        for start in range(0, len(examples), chunk):
+            for e, x in zip(examples[start:start + chunk], features(sentences[start:start + chunk])):
+                e.extra = x
+    return examples
 
 
 def buckets(lengths: list[int], batch_size: int, generator: torch.Generator | None = None) -> list[list[int]]:

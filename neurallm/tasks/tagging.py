@@ -13,7 +13,7 @@ from neurallm.data import conll
 from neurallm.errors import NlmError
 from neurallm.models.tagger import Tagger
 from neurallm.tasks import common
-from neurallm.tasks.sentences import Vocab, buckets, collate, encode
+from neurallm.tasks.sentences import Vocab, buckets, collate, encode, with_features
 
 EVAL_BATCH = 64
 
@@ -60,7 +60,7 @@ class Tagging(common.SentenceTask):
 
 
 def make_model(recipe: config.Recipe, vocab: Vocab) -> Tagger:
-    return Tagger(recipe.model, recipe.task, len(vocab.chars), vocab.labels)
+    return Tagger(recipe.model, recipe.task, len(vocab.chars), vocab.labels, vocab.features)
 
 
 def label_ids(vocab: Vocab, labels: list[list[str]], scheme: str, path, lines) -> list[list[int]]:
@@ -83,7 +83,7 @@ def label_ids(vocab: Vocab, labels: list[list[str]], scheme: str, path, lines) -
 
 def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = EVAL_BATCH) -> list[list[str]]:
     """Labels for each sentence (in the model's scheme), in the order given; batches by length."""
-    examples = [encode(vocab, words) for words in sentences]
+    examples = with_features(model, [encode(vocab, words) for words in sentences], sentences)
     out: list[list[str] | None] = [None] * len(sentences)
     device = next(model.parameters()).device
     for rows in buckets([len(e.words) for e in examples], batch_size):

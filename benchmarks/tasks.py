@@ -1,0 +1,199 @@
+"""Taggers and classifiers on the standard data sets: train, pick the checkpoint on dev, score
+dev and test, measure prediction speed; results/tasks.json keeps one entry per (setting, seed)
+and a summary per setting (mean and standard deviation over its seeds).
+
+    python benchmarks/tasks.py run ud-upos --seed 1            # train (bounded by the setting's minutes), score
+    python benchmarks/tasks.py score ud-upos --seed 1          # score a finished run again
+    python benchmarks/tasks.py report                          # the summary table
+
+A setting is a recipe plus overrides (SETTINGS below); each run trains on one thread, so two can
+share this 2-core machine. Runs live in runs/bench-tasks/SETTING-sSEED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "bench-tasks"
+
+# Character LMs for contextual features (Akbik et al. 2018), trained on the words of a tagging data
+# set's own training split (one sentence a line; `text` below writes it), forward and backward.
+CHAR_LM = ["--model.hidden_size=512", "--model.emb_size=64", "--train.max_steps=0", "--train.epochs=50"]
+UD_FEATURES = [f"--task.lm_features={RUNS}/ud-charlm-fwd-s1,{RUNS}/ud-charlm-bwd-s1"]
+
+# name: (verb, recipe, overrides, minutes of training)
+SETTINGS = {
+    "ud-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 7),
+    "ud-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", "--data.reverse=true",
+                                                       *CHAR_LM], 7),
+    "ud-upos": ("tag", "ud-ewt-upos", [], 28),
+    "ud-upos-charlm": ("tag", "ud-ewt-upos", UD_FEATURES, 16),
+    "ner-crf": ("tag", "conll2003-ner", [], 35),
+    "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
+    "sst2": ("classify", "sst2", [], 25),
+    "sst5": ("classify", "sst5", [], 15),
+}
+
+
+def run_dir(name: str, seed: int) -> Path:
+    return RUNS / f"{name}-s{seed}"
+
+
+def text(corpus: str) -> Path:
+    """A folder corpus of a tagging data set's words, one sentence a line: train from its train split,
+    valid from its dev split (what a character LM for its features reads)."""
+    from neurallm.tasks import tagging
+    from neurallm.tasks.common import split_file
+
+    out = RUNS / f"text-{corpus}"
+    out.mkdir(parents=True, exist_ok=True)
+    seen = set()
+    for split, file in (("train", "train.txt"), ("dev", "valid.txt")):
+        sentences = tagging.read(split_file(corpus, split), "")
+        lines = "".join(" ".join(s.words) + "\n" for s in sentences)
+        seen = seen or set(lines)
+        # A letter train never shows would stop a character LM's validation: it reads as a space, as
+        # the tagger's features read it (models/lmfeatures.py).
+        (out / file).write_text("".join(c if c in seen else " " for c in lines), encoding="utf-8")
+    return out
+
+
+def train(name: str, seed: int, extra: list[str]) -> dict:
+    verb, recipe, overrides, minutes = SETTINGS[name]
+    out = run_dir(name, seed)
+    overrides = [f"--data.corpus={text(o.split(':', 1)[1])}" if o.startswith("--data.corpus=TEXT:") else o
+                 for o in overrides]
+    cmd = ["nlm", *([verb] if verb != "lm" else []), "train", recipe, "--out", str(out), "--max-minutes", str(minutes), "--no-progress", "--json",
+           f"--train.seed={seed}", *overrides, *extra]
+    if (out / "resume").exists():
+        cmd.append("--resume")  # a run cut short goes on where it stopped
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        sys.exit(f"training failed ({proc.returncode})")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def lm_entry(name: str, seed: int) -> dict:
+    """A feature LM's own figures: what it cost and how well it predicts the dev text."""
+    summary = json.loads((run_dir(name, seed) / "summary.json").read_text())
+    return {"setting": name, "seed": seed, "command": f"python benchmarks/tasks.py run {name} --seed {seed}",
+            "recipe": SETTINGS[name][1], "overrides": SETTINGS[name][2], "train_minutes": summary["elapsed_seconds"] / 60,
+            "steps": summary["steps"], "valid_bpc": summary.get("valid_bpc")}
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ)
+
+
+def score(name: str, seed: int) -> dict:
+    """Dev and test figures of the kept checkpoint, and prediction speed on test at batch 64."""
+    import torch
+
+    torch.set_num_threads(1)
+    verb = SETTINGS[name][0]
+    out = run_dir(name, seed)
+    if verb == "tag":
+        from neurallm.tasks import tagging as module
+    else:
+        from neurallm.tasks import classification as module
+    from neurallm.tasks.common import split_file
+
+    model, recipe, vocab = module.load(out)
+    figures = {}
+    for split in ("dev", "test"):
+        path = split_file(recipe.data.corpus, split)
+        if verb == "tag":
+            sentences = module.read(path, recipe.task.column)
+            words, labels, lines = [s.words for s in sentences], [s.tags for s in sentences], [s.line for s in sentences]
+            figures[split] = module.score(model, vocab, recipe, words, labels, path, lines)
+        else:
+            examples = module.read(path)
+            words = [e.text.split() for e in examples]
+            figures[split] = module.score(model, vocab, words, [e.label for e in examples], path,
+                                          [e.line for e in examples])
+    start = time.perf_counter()
+    module.predict(model, vocab, words, batch_size=64)  # the test split, bucketed
+    seconds = time.perf_counter() - start
+    tokens = sum(len(w) for w in words)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    return {"setting": name, "seed": seed, "command": f"python benchmarks/tasks.py run {name} --seed {seed}",
+            "recipe": SETTINGS[name][1], "overrides": SETTINGS[name][2],
+            "train_minutes": summary.get("elapsed_seconds", 0) / 60, "steps": summary.get("steps"),
+            "epochs_completed": summary.get("epochs_completed"), "dev": figures["dev"], "test": figures["test"],
+            "predict_tokens_per_s": tokens / seconds, "predict_batch_size": 64, "predict_threads": 1}
+
+
+def main_figure(entry: dict, split: str) -> float:
+    return entry[split].get("f1", entry[split]["accuracy"])
+
+
+def summarise(runs: dict) -> dict:
+    settings = {}
+    for entry in runs.values():
+        if "dev" not in entry:
+            continue  # a feature LM: its cost is counted with the tagger that reads it
+        settings.setdefault(entry["setting"], []).append(entry)
+    out = {}
+    for name, entries in sorted(settings.items()):
+        row = {"seeds": sorted(e["seed"] for e in entries)}
+        for split in ("dev", "test"):
+            values = [100 * main_figure(e, split) for e in entries]
+            row[split] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                          "metric": "f1" if "f1" in entries[0][split] else "accuracy"}
+        row["train_minutes"] = statistics.mean(e["train_minutes"] for e in entries)
+        row["predict_tokens_per_s"] = statistics.mean(e["predict_tokens_per_s"] for e in entries)
+        out[name] = row
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| setting | seeds | dev | test | training (min) | predict (tokens/s) |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in summary.items():
+        cell = lambda s: f"{row[s]['mean']:.2f}" + (f" ± {row[s]['std']:.2f}" if row[s]["std"] is not None else "")  # noqa: E731
+        lines.append(f"| {name} ({row['dev']['metric']}) | {len(row['seeds'])} | {cell('dev')} | {cell('test')} | "
+                     f"{row['train_minutes']:.1f} | {row['predict_tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def record(entry: dict) -> None:
+    path = RESULTS / "tasks.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    runs = data.get("runs", {})
+    runs[f"{entry['setting']}-s{entry['seed']}"] = entry
+    write("tasks", {"runs": runs, "summary": summarise(runs)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["run", "score", "report"])
+    parser.add_argument("setting", nargs="?", choices=sorted(SETTINGS))
+    parser.add_argument("--seed", type=int, default=1)
+    args, extra = parser.parse_known_args()
+    if args.action == "report":
+        data = json.loads((RESULTS / "tasks.json").read_text())
+        print(table(data["summary"]))
+        return
+    if args.setting is None:
+        parser.error("name a setting")
+    if args.action == "run":
+        train(args.setting, args.seed, extra)
+    record(score(args.setting, args.seed) if SETTINGS[args.setting][0] != "lm" else lm_entry(args.setting, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -33,11 +33,11 @@ UD_FEATURES = [f"--task.lm_features={RUNS}/ud-charlm-fwd-s1,{RUNS}/ud-charlm-bwd
 
 # name: (verb, recipe, overrides, minutes of training)
 SETTINGS = {
-    "ud-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 7),
+    "ud-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 14),
     "ud-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", "--data.reverse=true",
-                                                       *CHAR_LM], 7),
+                                                       *CHAR_LM], 14),
     "ud-upos": ("tag", "ud-ewt-upos", [], 28),
-    "ud-upos-charlm": ("tag", "ud-ewt-upos", UD_FEATURES, 16),
+    "ud-upos-charlm": ("tag", "ud-ewt-upos", UD_FEATURES, 20),
     "ner-crf": ("tag", "conll2003-ner", [], 35),
     "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
     "sst2": ("classify", "sst2", [], 25),

@@ -180,7 +180,9 @@ def _kind(config: dict) -> str:
         return f"exported ({export['format']})"
     if isinstance(quantization, dict) and "scheme" in quantization:
         return f"quantized ({quantization['scheme']})"
-    return "LM"
+    task = config.get("task")
+    kind = task.get("kind") if isinstance(task, dict) else None
+    return {"tag": "tagger", "classify": "classifier"}.get(kind, "LM")
 
 
 def _number(value) -> bool:
@@ -194,6 +196,10 @@ def _validation(info) -> str:
         return f"bpc {info['valid_bpc']:.3f}"
     if _number(info.get("valid_perplexity")):
         return f"ppl {info['valid_perplexity']:.2f}"
+    if _number(info.get("valid_f1")):
+        return f"F1 {100 * info['valid_f1']:.2f}"
+    if _number(info.get("valid_accuracy")):
+        return f"acc {100 * info['valid_accuracy']:.2f}"
     return "-"
 
 

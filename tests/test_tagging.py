@@ -140,3 +140,65 @@ def test_the_wrong_verb_for_a_recipe_or_checkpoint_is_named(upos_run, capsys):
     fails(["tag", "train", "ptb-small"], capsys, "task.kind is 'lm'")
     fails(["generate", str(upos_run)], capsys, "is a tagger, not a language model; use nlm tag eval")
     fails(["classify", "eval", str(upos_run)], capsys, r"is a tagger \(task.kind = 'tag'\), not a classifier")
+
+
+@pytest.fixture(scope="module")
+def char_lms(ud, tmp_path_factory, one_thread):
+    """A forward and a backward character LM (data.reverse) on the words of the UD slice."""
+    from neurallm.data import conll
+
+    root = tmp_path_factory.mktemp("charlm")
+    text = root / "text"
+    text.mkdir()
+    words = "".join(" ".join(s.words) + "\n" for s in conll.read_conllu(ud / "train.conllu"))
+    (text / "train.txt").write_text(words, encoding="utf-8")
+    (text / "valid.txt").write_text(words, encoding="utf-8")
+    made = []
+    for name, extra in (("fwd", []), ("bwd", ["--data.reverse=true"])):
+        assert main(["train", "shakespeare-char-small", "--out", str(root / name), "--max-steps", "5",
+                     "--no-progress", f"--data.corpus={text}", "--model.hidden_size=24", "--model.emb_size=8",
+                     "--train.batch_size=4", "--train.bptt=32", *extra]) == 0
+        made.append(root / name)
+    return made
+
+
+def test_character_lm_features_are_the_lms_states_and_travel_with_the_tagger(ud, char_lms, tmp_path, capsys,
+                                                                           one_thread):
+    import shutil
+
+    from neurallm import checkpoint
+    from neurallm.tasks import tagging
+
+    fwd, bwd = char_lms
+    # The backward LM reads text backwards: its own eval of the training text reverses it too.
+    assert json.loads((bwd / "config.json").read_text())["data"]["reverse"] is True
+    out = tmp_path / "tagger"
+    assert main(["tag", "train", "ud-ewt-upos", "--out", str(out), "--max-steps", "3", "--no-progress",
+                 f"--data.corpus={ud}", *SMALL, f"--task.lm_features={fwd},{bwd}"]) == 0
+    tagger, recipe, vocab = tagging.load(out)
+    words = ["The", "dog", "barks", "."]
+    features = tagger.features([words])[0].float()  # (words, 24 + 24)
+    assert features.shape == (4, 48)
+    for lm_dir, part, text, places in ((fwd, slice(0, 24), "The dog barks .", [2, 6, 12, 14]),
+                                       (bwd, slice(24, 48), ". skrab god ehT", [14, 10, 6, 0])):
+        lm, _, tok = checkpoint.load(lm_dir)
+        with torch.no_grad():
+            states, _ = lm(torch.tensor([[tok.boundary] + tok.encode(text)]))
+        # Forward: the state after each word's last letter; backward: after (reading back to) its first.
+        assert torch.allclose(features[:, part], states[0, [p + 1 for p in places]].half().float())
+    # The checkpoint holds the LMs: it tags with them gone.
+    shutil.rmtree(fwd.parent)
+    assert main(["tag", "eval", str(out), "--file", str(ud / "dev.conllu"), "--json"]) == 0
+    assert last_json(capsys)["words"] > 0
+
+
+def test_a_stored_tagger_is_listed_as_one_and_used_by_name(upos_run, ud, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NLM_HOME", str(tmp_path / "home"))
+    assert main(["models", "add", str(upos_run), "pos"]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    entry = next(e for e in (listed if isinstance(listed, list) else listed["models"]) if e["name"] == "pos")
+    assert entry["kind"] == "tagger" and entry["validation"].startswith("acc ")
+    assert main(["tag", "eval", "pos", "--file", str(ud / "dev.conllu"), "--json"]) == 0
+    assert last_json(capsys)["accuracy"] > 0.97

@@ -40,8 +40,15 @@ SETTINGS = {
     "ud-upos-charlm": ("tag", "ud-ewt-upos", UD_FEATURES, 20),
     "ner-crf": ("tag", "conll2003-ner", [], 35),
     "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
+    "ner-charlm": ("tag", "conll2003-ner", UD_FEATURES, 35),  # the character LMs of UD's web text, on news
     "sst2": ("classify", "sst2", [], 25),
     "sst5": ("classify", "sst5", [], 15),
+    # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held
+    # out for its validation), whose embedding and layer start the classifier's encoder.
+    "sst2-lm": ("lm", "ptb-small", ["--data.corpus=PHRASES:sst2", "--model.num_layers=1", "--model.emb_size=300",
+                                    "--model.hidden_size=300", "--model.dropout=0.4", "--train.max_steps=0",
+                                    "--train.epochs=100"], 12),
+    "sst2-transfer": ("classify", "sst2", [f"--task.init_from={RUNS}/sst2-lm-s1", "--task.unfreeze_steps=500"], 25),
 }
 
 
@@ -68,11 +75,27 @@ def text(corpus: str) -> Path:
     return out
 
 
+def phrases(corpus: str) -> Path:
+    """A folder corpus of a classification data set's training text, one example a line (each distinct
+    text once): 95% to train a word LM on, the rest to validate it; no dev or test text."""
+    from neurallm.tasks import classification
+    from neurallm.tasks.common import split_file
+
+    out = RUNS / f"phrases-{corpus}"
+    out.mkdir(parents=True, exist_ok=True)
+    texts = list(dict.fromkeys(e.text.strip() for e in classification.read(split_file(corpus, "train"))))
+    cut = len(texts) * 95 // 100
+    (out / "train.txt").write_text("".join(t + "\n" for t in texts[:cut]), encoding="utf-8")
+    (out / "valid.txt").write_text("".join(t + "\n" for t in texts[cut:]), encoding="utf-8")
+    return out
+
+
 def train(name: str, seed: int, extra: list[str]) -> dict:
     verb, recipe, overrides, minutes = SETTINGS[name]
     out = run_dir(name, seed)
-    overrides = [f"--data.corpus={text(o.split(':', 1)[1])}" if o.startswith("--data.corpus=TEXT:") else o
-                 for o in overrides]
+    made = {"TEXT": text, "PHRASES": phrases}  # folder corpora made from a labelled data set
+    overrides = [f"--data.corpus={made[o.split('=')[1].split(':')[0]](o.split(':', 1)[1])}"
+                 if o.startswith(("--data.corpus=TEXT:", "--data.corpus=PHRASES:")) else o for o in overrides]
     cmd = ["nlm", *([verb] if verb != "lm" else []), "train", recipe, "--out", str(out), "--max-minutes", str(minutes), "--no-progress", "--json",
            f"--train.seed={seed}", *overrides, *extra]
     if (out / "resume").exists():

@@ -101,3 +101,28 @@ def test_one_tokenizer_shared_validation_split_and_a_lone_failure_ends_the_run(w
         assert abs(a - b) < 1e-5 * a, (one, two)
     failed = torchrun(script, [*args, "--out", str(tmp_path / "fail")], {**env, "FAIL_AT": "4"})
     assert failed.returncode != 0 and "rank 1 fails alone" in failed.stderr
+
+
+def test_a_tagger_trains_on_two_processes(tmp_path):
+    """The task-free loop runs a tagger data-parallel too: each process takes its share of a batch's
+    sentences (the last, smaller batch included), rank 0 alone writes the checkpoint."""
+    from conftest import need
+
+    src = need("ud-english-ewt", "en_ewt-ud-dev.conllu")
+    data = tmp_path / "ud"
+    data.mkdir()
+    blocks = src.read_text(encoding="utf-8").split("\n\n")
+    (data / "train.conllu").write_text("\n\n".join(blocks[:21]) + "\n\n", encoding="utf-8")  # 21: a last batch of 1
+    (data / "dev.conllu").write_text("\n\n".join(blocks[21:31]) + "\n\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "neurallm", "tag", "train", "ud-ewt-upos", "--out", str(tmp_path / "two"),
+                          "--max-steps", "6", "--no-progress", "--json", f"--data.corpus={data}",
+                          "--train.batch_size=10", "--model.hidden_size=16", "--model.emb_size=16",
+                          "--task.char_size=8"], capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    summary = json.loads(ddp.stdout.strip().splitlines()[-1])  # one summary: rank 0's
+    assert summary["steps"] == 6 and summary["processes"] == 2 and summary["epochs_completed"] == 2
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+    state = json.loads((tmp_path / "two" / "resume" / "state.json").read_text())
+    assert state["world"] == 2

@@ -18,7 +18,7 @@ from torch import nn
 from neurallm import checkpoint, config, fit
 from neurallm.data import corpora
 from neurallm.errors import NlmError
-from neurallm.tasks.sentences import Vocab, buckets, collate, num_batches, singletons, with_features
+from neurallm.tasks.sentences import Vocab, buckets, collate, encode, num_batches, singletons, with_features
 
 
 class Objective(nn.Module):
@@ -112,23 +112,18 @@ class SentenceTask(fit.Task):
             recipe = lm[1]
         self.recipe = config.replace(recipe, model={"vocab_size": len(self.vocab.words)})
         ids = self.encode_labels(self.vocab, labels, train_path, lines)
-        self.examples = [self.example(w, y) for w, y in zip(words, ids)]
+        self.examples = [encode(self.vocab, w, y) for w, y in zip(words, ids)]
         self.rare = singletons(self.examples)
         self.model = self.make_model(self.vocab).to(loop.device)
         if features is not None:
             self.model.features.load_state_dict(features.state_dict())
         self.words = words  # for the character-LM features, computed once at the first step (the LMs are
         # frozen; a resumed run has its weights only then)
-        if lm is not None and not resume:
+        if lm is not None:
             self.transferred = copy_language_model(lm[0], self.model.encoder, self.vocab)
         self.objective = Objective(self.model)
         cfg = self.recipe.train
         self.batches = num_batches(len(self.examples), cfg.batch_size)
-
-    def example(self, words, label):
-        from neurallm.tasks.sentences import encode
-
-        return encode(self.vocab, words, label)
 
     def describe(self, out: Path) -> None:
         checkpoint.save_description(out, self.recipe, self.vocab)
@@ -151,7 +146,9 @@ class SentenceTask(fit.Task):
             with_features(self.model, self.examples, self.words)
             self.words = None
         rows = self._batches()[index]
-        rows = rows[self.loop.rank::self.loop.world]  # each process its share of the batch
+        # Each process its share of the batch; a last batch smaller than the processes lends its first
+        # sentence to those left without one (every process must run a step).
+        rows = rows[self.loop.rank::self.loop.world] or rows[:1]
         batch = collate([self.examples[i] for i in rows], self.loop.device, (self.rare, self.recipe.task.unk_replace))
         return objective(batch), batch.tokens
 

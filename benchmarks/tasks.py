@@ -140,15 +140,8 @@ def score(name: str, seed: int) -> dict:
     figures = {}
     for split in ("dev", "test"):
         path = split_file(recipe.data.corpus, split)
-        if verb == "tag":
-            sentences = module.read(path, recipe.task.column)
-            words, labels, lines = [s.words for s in sentences], [s.tags for s in sentences], [s.line for s in sentences]
-            figures[split] = module.score(model, vocab, recipe, words, labels, path, lines)
-        else:
-            examples = module.read(path)
-            words = [e.text.split() for e in examples]
-            figures[split] = module.score(model, vocab, words, [e.label for e in examples], path,
-                                          [e.line for e in examples])
+        words, labels, lines = module.read_labelled(path, recipe.task)
+        figures[split] = module.score(model, vocab, recipe, words, labels, path, lines)
     start = time.perf_counter()
     module.predict(model, vocab, words, batch_size=64)  # the test split, bucketed
     seconds = time.perf_counter() - start

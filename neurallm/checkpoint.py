@@ -8,6 +8,7 @@ directory also holds metrics.jsonl, curves.png and resume/ (the state --resume n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -113,6 +114,8 @@ def save_description(directory: Path, recipe, tokenizer, extra: dict | None = No
     """config.json and tokenizer.json: all of a checkpoint but its weights."""
     directory.mkdir(parents=True, exist_ok=True)
     config = {**recipe.to_dict(), **({"info": extra} if extra else {})}
+    if config.get("task") == dataclasses.asdict(config_mod.TaskConfig()):
+        del config["task"]  # a language model's: what earlier releases, which know no [task], can still read
     atomic_write(directory / "config.json", lambda p: write_json(p, config))
     atomic_write(directory / "tokenizer.json", lambda p: write_json(p, tokenizer.to_json()))
 

@@ -288,8 +288,9 @@ def cmd_score(args, _) -> int:
 
     if (args.text is None) == (args.file is None):
         raise NlmError("nlm score: give exactly one of --text or --file")
-    model, _, tokenizer = checkpoint.open_runner(args.checkpoint, device=args.device)
+    model, recipe, tokenizer = checkpoint.open_runner(args.checkpoint, device=args.device)
     text = args.text if args.text is not None else corpora.read_text(args.file)
+    text = text[::-1] if recipe.data.reverse else text  # a backward model scores the text in its own direction
     result = score(model, tokenizer, text, source=args.file or "--text", unknown=args.unknown)
     lines = [f"{t['logprob']:10.4f}  {t['token']!r}" for t in result["tokens"]]
     lines.append(f"total log-probability {result['total_logprob']:.4f} over {result['count']} tokens "

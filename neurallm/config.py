@@ -46,6 +46,8 @@ class DataConfig:
         _check(self.max_vocab == 0 or self.max_vocab >= 3, "data.max_vocab", self.max_vocab,
                "0 (no cap) or an integer >= 3: <eos>, <unk> and a word")
         _check(self.min_freq >= 1, "data.min_freq", self.min_freq, "an integer >= 1")
+        _check(not self.reverse or self.tokenizer == "char", "data.reverse", self.reverse,
+               "false unless data.tokenizer is char (a backward character model)")
         _check(self.tokenizer == "word" or (self.max_vocab == 0 and self.min_freq == 1), "data.max_vocab/min_freq",
                (self.max_vocab, self.min_freq), "the defaults (0, 1) unless data.tokenizer is word")
 

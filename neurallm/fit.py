@@ -98,8 +98,13 @@ class Task:
         return [{"params": list(self.model.parameters())}]
 
     def lr_factors(self, step: int) -> list[float] | None:
-        """A multiplier of the rate per parameter group at this step (None: all 1)."""
+        """A multiplier of the rate per parameter group at this step (None: all 1; 0: the group is frozen)."""
         return None
+
+    def global_tokens(self, tokens: int, world: int) -> int:
+        """The tokens of the global batch, from what loss() returned on one process (a language model's
+        processes each read their own rows: as many again on each)."""
+        return tokens * world
 
     def figure_text(self, record: dict) -> str | None:
         """The validation line where there is no bar (None: the language model's loss and perplexity)."""
@@ -248,17 +253,20 @@ class Loop:
             loss, tokens = self.task.loss(self.objective, index)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         factors = self.task.lr_factors(self.progress.step) or [1.0] * len(self.optimizer.param_groups)
         for group, factor in zip(self.optimizer.param_groups, factors):
             group["lr"] = lr * factor
+            if factor == 0:  # frozen: no update, no optimizer state, and no share of the clipped norm
+                for p in group["params"]:
+                    p.grad = None
+        if self.cfg.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.optimizer.step()
         loss = loss.detach()
         if self.world > 1:  # report the loss of the global batch, as one process would
             dist.all_reduce(loss)
             loss /= self.world
-        return loss.item(), tokens * self.world
+        return loss.item(), self.task.global_tokens(tokens, self.world)
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -27,6 +27,9 @@ class Loaded:
     @classmethod
     def open(cls, directory, device: str = "cpu", slots: int = 32, name: str | None = None) -> Loaded:
         runner, recipe, tokenizer = checkpoint.open_runner(directory, device=device)
+        if recipe.data.reverse:
+            raise NlmError(f"{directory}: a backward model (data.reverse): it reads text from its end, so it "
+                           "cannot continue a prompt; nlm eval scores it, and taggers read its states")
         path = Path(str(directory))  # a stored model is named by its store name, a folder by its name
         name = name or (path.resolve().name if path.is_dir() else str(directory))
         return cls(name, runner, recipe, tokenizer, Engine(runner, slots=slots))

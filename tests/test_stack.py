@@ -120,3 +120,8 @@ def test_padded_rows_read_as_if_alone(cell):
     mask = torch.arange(6) < lengths.unsqueeze(1)
     (out * mask.unsqueeze(2)).sum().backward()
     assert (x.grad.abs().sum(2) > 0).equal(mask)
+    # The packed path (taken on CUDA) reads the same rows the same way.
+    layer = stack.layers[0]
+    fused, _ = layer(x, stack.init_state(3)[0], lengths=lengths)
+    packed, _ = layer._packed(x, stack.init_state(3)[0], lengths, 0.0)
+    assert torch.allclose((fused * mask.unsqueeze(2)), packed, atol=1e-6)

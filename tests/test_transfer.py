@@ -5,6 +5,8 @@ classifier, whose trees hold capitalised words)."""
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 
@@ -238,13 +240,17 @@ def test_a_character_lm_or_a_tagger_is_refused_as_init_from(one_thread, char_run
 def test_discriminative_rates_and_gradual_unfreezing(lm, ud, tmp_path):
     task = built("tag", ud, lm, tmp_path / "a", "--task.discriminative=2", "--task.unfreeze_steps=3")
     groups = task.groups()
-    assert len(groups) == 4  # embeddings and character features, layer 0, layer 1, the head
+    assert len(groups) == 4  # the word table, layer 0 and layer 1 forward, all that starts fresh
     ids = [id(p) for g in groups for p in g]
     assert sorted(ids) == sorted(id(p) for p in task.model.parameters())  # each parameter in one group
     names = {id(p): n for n, p in task.model.named_parameters()}
-    assert {names[id(p)].split(".")[1] for p in groups[0]} == {"embedding", "chars"}
-    assert all(names[id(p)].startswith(f"encoder.stack.layers.{i}.") for i in (0, 1) for p in groups[1 + i])
-    assert {names[id(p)] for p in groups[3]} == {"output.weight", "output.bias"}
+    assert [names[id(p)] for p in groups[0]] == ["encoder.embedding.weight"]
+    for i in (0, 1):  # the LM's layers: the forward direction only
+        assert {names[id(p)] for p in groups[1 + i]} == {f"encoder.stack.layers.{i}.rnn.{w}_l0"
+                                                         for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    fresh = {names[id(p)] for p in groups[3]}
+    assert {"output.weight", "output.bias", "encoder.stack.layers.0.rnn.weight_hh_l0_reverse"} <= fresh
+    assert any(n.startswith("encoder.chars.") for n in fresh)
     for step, expected in [(0, [0, 0, 0, 1]), (2, [0, 0, 0, 1]), (3, [0, 0, 0.5, 1]), (5, [0, 0, 0.5, 1]),
                            (6, [0, 0.25, 0.5, 1]), (8, [0, 0.25, 0.5, 1]), (9, [0.125, 0.25, 0.5, 1]),
                            (1000, [0.125, 0.25, 0.5, 1])]:
@@ -261,9 +267,11 @@ def test_gradual_unfreezing_really_leaves_lower_groups_alone(lm, ud, tmp_path, o
             "--train.batch_size=24", "--task.unfreeze_steps=2", *TASK["tag"], *STILL]
     start = {k: v.clone() for k, v in built("tag", ud, lm, tmp_path / "start", "--train.batch_size=24",
                                             "--task.unfreeze_steps=2", *STILL).model.state_dict().items()}
-    depth = {"encoder.embedding.": 3, "encoder.chars.": 3, "encoder.stack.layers.0.": 2,
-             "encoder.stack.layers.1.": 1, "output.": 0}
-    assert all(any(k.startswith(p) for p in depth) for k in start)
+    # The LM's parts join one at a time; what starts fresh (head, characters, backward) trains from the start.
+    depth = {"encoder.embedding.": 3, "encoder.stack.layers.0.rnn.weight_hh_l0": 2,
+             "encoder.stack.layers.0.rnn.bias_ih_l0": 2, "encoder.stack.layers.1.rnn.weight_ih_l0": 1,
+             "encoder.stack.layers.1.rnn.bias_hh_l0": 1, "output.": 0, "encoder.chars.": 0,
+             "encoder.stack.layers.0.rnn.weight_hh_l0_reverse": 0}
     assert start["encoder.embedding.weight"].abs().sum() > 0
     for steps in (2, 4, 6, 7):
         out = tmp_path / f"steps-{steps}"
@@ -272,7 +280,8 @@ def test_gradual_unfreezing_really_leaves_lower_groups_alone(lm, ud, tmp_path, o
                  if k.startswith("model.")}
         assert after.keys() == start.keys()
         for prefix, d in depth.items():
-            names = [k for k in start if k.startswith(prefix)]
+            names = [k for k in start if k == prefix or prefix.endswith(".") and k.startswith(prefix)]
+            assert names, prefix
             changed = [k for k in names if not torch.equal(after[k], start[k])]
             if steps > d * 2:  # the group trained from step d * unfreeze_steps on
                 assert changed, (steps, prefix)
@@ -317,10 +326,17 @@ def test_an_lm_with_skip_connections_is_refused(connection, ptb, sst5, tmp_path,
         built("classify", sst5, lm_path, tmp_path / "c")
 
 
-def test_a_backward_lm_is_refused(ptb, ud, tmp_path, one_thread):
-    lm_path = train_lm(ptb, tmp_path / "lm", "--data.reverse=true")
-    with pytest.raises(NlmError, match=r"a backward language model \(data.reverse\)"):
-        built("tag", ud, lm_path, tmp_path / "t")
+def test_backward_models_are_character_models_and_do_not_generate(ptb, char_run, tmp_path, capsys):
+    """Only a character model reads backwards (a word model would spell its words backwards), so a
+    backward LM is never a word table for --init-from; and it cannot continue a prompt."""
+    fails(["train", "ptb-small", "--out", str(tmp_path / "lm"), "--max-steps", "2", "--no-progress",
+           f"--data.corpus={ptb}", *TINY, "--data.reverse=true"], capsys,
+          r"data.reverse: True \(expected false unless data.tokenizer is char")
+    config_file = char_run / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["data"]["reverse"] = True
+    config_file.write_text(json.dumps(saved))
+    fails(["generate", str(char_run), "--max-tokens", "3"], capsys, r"a backward model \(data.reverse\)")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-weight"])

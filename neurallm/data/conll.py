@@ -121,6 +121,9 @@ def read_conllu(path: Path | str, column: str = "upos") -> list[Sentence]:
         except conllu.exceptions.ParseException as e:
             raise NlmError(f"{path}:{start}: {e}") from None
         words = [t for t in tokens if isinstance(t["id"], int)]
+        if not words:
+            raise NlmError(f"{path}:{first}: a sentence with no syntactic words (only multiword-token or "
+                           "empty-node lines)")
         return Sentence([t["form"] for t in words], [t[column] for t in words], first, block)
 
     return _collect(_blocks(path, lambda line: not line.strip()), make)

@@ -42,8 +42,10 @@ class Classifier(nn.Module):
         out = self.encoder(batch.words, batch.chars, batch.lengths)
         return self.output(self.pool(out, batch)).float()
 
-    def loss(self, batch):
-        return F.cross_entropy(self.logits(batch), batch.labels)
+    def loss(self, batch, sentences=None):
+        """Cross-entropy summed over the batch, divided by ``sentences`` (default: the batch's own)."""
+        total = F.cross_entropy(self.logits(batch), batch.labels, reduction="sum")
+        return total / (batch.labels.numel() if sentences is None else sentences)
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:

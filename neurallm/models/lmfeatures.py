@@ -23,7 +23,7 @@ class CharLMFeatures(nn.Module):
         """``described``: one ``{"model": ModelConfig fields, "tokenizer": its JSON, "reverse": bool}`` per LM."""
         super().__init__()
         self.described = described
-        self.lms = nn.ModuleList(RNNLM(config.ModelConfig(**_tuples(d["model"]))) for d in described)
+        self.lms = nn.ModuleList(_reader(config.ModelConfig(**_tuples(d["model"]))) for d in described)
         self.tokenizers = [tokenizers.from_json(d["tokenizer"]) for d in described]
         self.reverse = [bool(d["reverse"]) for d in described]
         self.requires_grad_(False)
@@ -35,13 +35,16 @@ class CharLMFeatures(nn.Module):
 
         described, weights = [], []
         for path in paths:
+            if "quantization" in checkpoint.describe(path)[1]:
+                raise NlmError(f"task.lm_features {path}: a quantized language model; give the checkpoint it was "
+                               "quantized from")
             lm, recipe, tokenizer = checkpoint.load(path)
             if tokenizer.kind != "char":
                 raise NlmError(f"task.lm_features {path}: a {tokenizer.kind}-level model; contextual features "
                                "need character language models")
             described.append({"model": recipe.to_dict()["model"], "tokenizer": tokenizer.to_json(),
                               "reverse": recipe.data.reverse})
-            weights.append(lm.state_dict())
+            weights.append({k: v for k, v in lm.state_dict().items() if not k.startswith("decoder.")})
         features = cls(described)
         for lm, state in zip(features.lms, weights):
             lm.load_state_dict(state)
@@ -85,6 +88,14 @@ class CharLMFeatures(nn.Module):
             for r, i in enumerate(chunk):
                 results[i] = states[r, places[i]].half().cpu()
         return results
+
+
+def _reader(cfg: config.ModelConfig) -> RNNLM:
+    """The LM without its output layer: the features read its states only (and a tied output layer
+    would share the embedding's storage, which one safetensors file cannot hold twice)."""
+    lm = RNNLM(cfg)
+    lm.decoder = None
+    return lm
 
 
 def _tuples(model: dict) -> dict:

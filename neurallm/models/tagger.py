@@ -27,12 +27,15 @@ class Tagger(nn.Module):
         extra = batch.extra.float() if batch.extra is not None else None
         return self.output(self.encoder(batch.words, batch.chars, batch.lengths, extra)).float()
 
-    def loss(self, batch):
-        """Mean over the batch's words: cross-entropy per word, or the CRF's sentence NLL per word."""
+    def loss(self, batch, words=None):
+        """Per word of the batch: cross-entropy summed over the words, or the CRF's sentence NLL summed
+        over the sentences, divided by ``words`` (default: the batch's own; data-parallel training
+        divides by the global batch's share, so the processes' average is the global mean)."""
         scores, mask = self.emissions(batch), batch.mask
+        words = mask.sum() if words is None else words
         if self.crf is not None:
-            return self.crf.nll(scores, batch.labels, mask).sum() / mask.sum()
-        return F.cross_entropy(scores[mask], batch.labels[mask])
+            return self.crf.nll(scores, batch.labels, mask).sum() / words
+        return F.cross_entropy(scores[mask], batch.labels[mask], reduction="sum") / words
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:

@@ -12,9 +12,7 @@ from neurallm.data import sentiment
 from neurallm.errors import NlmError
 from neurallm.models.classifier import Classifier
 from neurallm.tasks import common
-from neurallm.tasks.sentences import Vocab, buckets, collate, encode
-
-EVAL_BATCH = 64
+from neurallm.tasks.sentences import EVAL_BATCH, Vocab, buckets, collate, examples_for
 
 
 def read(path: Path) -> list[sentiment.Example]:
@@ -27,14 +25,22 @@ def read(path: Path) -> list[sentiment.Example]:
     return examples
 
 
+def read_labelled(path: Path, task: config.TaskConfig = None):
+    """-> (word lists, labels, the line of each) of a labelled file; an empty one is an error naming it."""
+    examples = read(path)
+    if not examples:
+        raise NlmError(f"{path}: no examples")
+    return [e.text.split() for e in examples], [e.label for e in examples], [e.line for e in examples]
+
+
 class Classification(common.SentenceTask):
     kind = "classify"
 
     def read(self, path: Path):
-        examples = read(path)
-        if not examples:
-            raise NlmError(f"{path}: no examples")
-        return [e.text.split() for e in examples], [e.label for e in examples], [e.line for e in examples]
+        return read_labelled(path)
+
+    def units(self, examples) -> int:
+        return len(examples)
 
     def label_set(self, labels) -> list[str]:
         return sorted(set(labels))
@@ -45,8 +51,8 @@ class Classification(common.SentenceTask):
     def make_model(self, vocab: Vocab):
         return make_model(self.recipe, vocab)
 
-    def metrics(self, model, vocab, words, labels, path, lines) -> dict:
-        return score(model, vocab, words, labels, path, lines)
+    def metrics(self, model, vocab, words, labels, path, lines, examples=None) -> dict:
+        return score(model, vocab, self.recipe, words, labels, path, lines, examples)
 
 
 def make_model(recipe: config.Recipe, vocab: Vocab) -> Classifier:
@@ -62,9 +68,10 @@ def label_ids(vocab: Vocab, labels: list[str], path, lines) -> list[int]:
     return out
 
 
-def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = EVAL_BATCH,
+            examples=None) -> torch.Tensor:
     """(sentences, classes) probabilities, in the order given; batches by length."""
-    examples = [encode(vocab, words) for words in sentences]
+    examples = examples or examples_for(model, vocab, sentences)
     out = torch.zeros(len(sentences), len(vocab.labels))
     device = next(model.parameters()).device
     for rows in buckets([len(e.words) for e in examples], batch_size):
@@ -72,11 +79,11 @@ def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = E
     return out
 
 
-def score(model, vocab: Vocab, words, labels, path, lines) -> dict:
+def score(model, vocab: Vocab, recipe: config.Recipe, words, labels, path, lines, examples=None) -> dict:
     gold = torch.tensor(label_ids(vocab, labels, path, lines))
     was_training = model.training
     model.eval()
-    guessed = predict(model, vocab, words).argmax(1)
+    guessed = predict(model, vocab, words, examples=examples).argmax(1)
     model.train(was_training)
     return {"accuracy": (guessed == gold).double().mean().item(), "sentences": len(labels)}
 

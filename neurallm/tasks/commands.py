@@ -46,16 +46,8 @@ def evaluate(kind: str, args) -> dict:
     module = _module(kind)
     model, recipe, vocab = module.load(args.checkpoint, args.device)
     path = Path(args.file) if args.file else split_file(args.data or recipe.data.corpus, args.split)
-    if kind == "tag":
-        sentences = module.read(path, recipe.task.column)
-        words, labels, lines = [s.words for s in sentences], [s.tags for s in sentences], [s.line for s in sentences]
-        result = module.score(model, vocab, recipe, words, labels, path, lines)
-    else:
-        examples = module.read(path)
-        words, labels, lines = [e.text.split() for e in examples], [e.label for e in examples], [e.line for e in examples]
-        result = module.score(model, vocab, words, labels, path, lines)
-    if not words:
-        raise NlmError(f"{path}: no sentences")
+    words, labels, lines = module.read_labelled(path, recipe.task)
+    result = module.score(model, vocab, recipe, words, labels, path, lines)
     return {"checkpoint": str(args.checkpoint), "file": str(path), **result}
 
 

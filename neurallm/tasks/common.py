@@ -18,7 +18,8 @@ from torch import nn
 from neurallm import checkpoint, config, fit
 from neurallm.data import corpora
 from neurallm.errors import NlmError
-from neurallm.tasks.sentences import Vocab, buckets, collate, encode, num_batches, singletons, with_features
+from neurallm.tasks.sentences import (Vocab, buckets, collate, encode, examples_for, num_batches, singletons,
+                                      with_features)
 
 
 class Objective(nn.Module):
@@ -28,8 +29,8 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch):
-        return self.model.loss(batch)
+    def forward(self, batch, per=None):
+        return self.model.loss(batch, per)
 
 
 SUFFIXES = (".conllu", ".txt", ".tsv")
@@ -50,7 +51,7 @@ def split_file(name: str, split: str) -> Path:
 
 class SentenceTask(fit.Task):
     kind = ""  # "tag" or "classify"
-    resume_keys = (("train", "batch_size"), ("train", "optimizer")) + tuple(
+    resume_keys = (("train", "batch_size"), ("train", "optimizer"), ("train", "seed")) + tuple(
         ("task", k) for k in ("kind", "column", "scheme", "decoder", "char", "char_emb_size", "char_size",
                               "lowercase", "pooling", "init_from", "lm_features"))
 
@@ -59,6 +60,7 @@ class SentenceTask(fit.Task):
             raise NlmError(f"recipe: task.kind is {recipe.task.kind!r}; this verb trains task.kind = {self.kind!r}")
         self.recipe = recipe
         self.order: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
+        self.valid_examples = None
 
     # ---- what a subclass says -------------------------------------------------------------
     def read(self, path: Path):
@@ -74,7 +76,7 @@ class SentenceTask(fit.Task):
     def make_model(self, vocab: Vocab) -> nn.Module:
         raise NotImplementedError
 
-    def metrics(self, model, vocab: Vocab, words, labels, path, lines) -> dict:
+    def metrics(self, model, vocab: Vocab, words, labels, path, lines, examples=None) -> dict:
         raise NotImplementedError
 
     def figure(self, metrics: dict) -> float:
@@ -145,18 +147,34 @@ class SentenceTask(fit.Task):
         if self.words is not None:
             with_features(self.model, self.examples, self.words)
             self.words = None
-        rows = self._batches()[index]
-        # Each process its share of the batch; a last batch smaller than the processes lends its first
-        # sentence to those left without one (every process must run a step).
-        rows = rows[self.loop.rank::self.loop.world] or rows[:1]
-        batch = collate([self.examples[i] for i in rows], self.loop.device, (self.rare, self.recipe.task.unk_replace))
-        return objective(batch), batch.tokens
+        rows, world = self._batches()[index], self.loop.world
+        # Each process its share of the batch, its loss summed and divided by the global batch's size over
+        # the processes: DDP's average of their gradients is then the global batch's mean. A process left
+        # without a sentence (a last batch smaller than the processes) runs one at weight 0: each must step.
+        share, weight = rows[self.loop.rank::world], 1.0
+        if not share:
+            share, weight = rows[:1], 0.0
+        units = self.units([self.examples[i] for i in rows])
+        batch = collate([self.examples[i] for i in share], self.loop.device, (self.rare, self.recipe.task.unk_replace))
+        return objective(batch, units / world) * weight, sum(len(self.examples[i].words) for i in rows)
+
+    def units(self, examples) -> int:
+        """What a batch's loss is the mean over: its words (a classifier: its sentences)."""
+        return sum(len(e.words) for e in examples)
+
+    def global_tokens(self, tokens: int, world: int) -> int:
+        return tokens  # loss() counts the whole batch's words
 
     def validate(self) -> tuple[float, dict]:
         path, words, labels, lines = self.valid
-        found = self.metrics(self.model, self.vocab, words, labels, path, lines)
+        if self.valid_examples is None:  # encoded once (character-LM features included: the LMs are frozen)
+            self.valid_examples = examples_for(self.model, self.vocab, words)
+        found = self.metrics(self.model, self.vocab, words, labels, path, lines, self.valid_examples)
         record = {f"valid_{k}": v for k, v in found.items() if isinstance(v, (int, float))}
-        return self.figure(found), record
+        figure = torch.tensor([self.figure(found)], dtype=torch.float64, device=self.loop.device)
+        if self.loop.world > 1:  # every process scored the same weights; rank 0's figure decides for all
+            torch.distributed.broadcast(figure, 0)
+        return figure.item(), record
 
     def figure_text(self, record: dict) -> str:
         shown = [f"{k[6:]} {100 * record[k]:.2f}" for k in ("valid_accuracy", "valid_f1") if k in record]
@@ -170,14 +188,17 @@ class SentenceTask(fit.Task):
 
     # ---- transfer: rates per layer group ------------------------------------------------------
     def groups(self) -> list[list[nn.Parameter]]:
-        """Parameter groups from the bottom: embeddings and character features, each layer, the head."""
+        """One group, or with a language model to start from, the groups its parts went to, from the
+        bottom: the word table, each layer's forward direction, then all that starts fresh (the head,
+        character features, the backward direction), which trains at the full rate from the start."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # frozen LM features: none
+        if not self.recipe.task.init_from:
+            return [trainable]
         encoder = self.model.encoder
-        bottom = [p for n, p in encoder.named_parameters() if not n.startswith("stack.")]
-        layers = [list(layer.parameters()) for layer in encoder.stack.layers]
-        seen = {id(p) for g in [bottom, *layers] for p in g}
-        rest = [p for p in encoder.stack.parameters() if id(p) not in seen]  # highway gates go with the head
-        head = [p for n, p in self.model.named_parameters() if not n.startswith("encoder.")] + rest
-        return [[p for p in g if p.requires_grad] for g in [bottom, *layers, head]]  # frozen LM features: none
+        layers = [[p for n, p in layer.rnn.named_parameters() if not n.endswith("_reverse")]
+                  for layer in encoder.stack.layers]
+        copied = {id(p) for p in [encoder.embedding.weight, *(p for g in layers for p in g)]}
+        return [[encoder.embedding.weight], *layers, [p for p in trainable if id(p) not in copied]]
 
     def param_groups(self) -> list[dict]:
         return [{"params": g} for g in self.groups()]
@@ -215,9 +236,6 @@ def transfer_recipe(recipe: config.Recipe):
         # residual or highway joins would not join the same things: its forward pass could not be reproduced.
         raise NlmError(f"task.init_from {source}: a stack with {lm_recipe.model.connection} connections; "
                        "transfer needs plain stacked layers (model.connection = none)")
-    if lm_recipe.data.reverse:
-        raise NlmError(f"task.init_from {source}: a backward language model (data.reverse); it cannot start the "
-                       "encoder's forward direction")
     shape = {k: getattr(lm_recipe.model, k) for k in LM_KEYS}
     return (lm, tokenizer), config.replace(recipe, model=shape)
 

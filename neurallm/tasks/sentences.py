@@ -18,6 +18,7 @@ from neurallm.errors import NlmError
 from neurallm.models.encoder import PAD, UNK
 
 MAX_LETTERS = 30  # a longer "word" (a URL, a run of dashes) is cut: its first letters carry what the features use
+EVAL_BATCH = 64  # sentences a batch when scoring and predicting
 
 
 @dataclass
@@ -78,12 +79,20 @@ class Vocab:
 
 @dataclass
 class Example:
-    """One sentence, encoded: word ids, letters of each word, and its label ids (tagger) or label id."""
+    """One sentence, encoded: word ids, letters of each word, and its label ids (tagger) or label id;
+    with the same as tensors, made once (a batch then copies blocks, not Python lists)."""
 
     words: list[int]
     chars: list[list[int]]
     labels: list[int] | int | None = None
     extra: torch.Tensor | None = None  # (words, features): character-LM features, when the model reads them
+
+    def __post_init__(self):
+        self.word_tensor = torch.tensor(self.words)
+        self.letters = torch.zeros(len(self.chars), max(map(len, self.chars)), dtype=torch.long)  # (words, longest)
+        for j, c in enumerate(self.chars):
+            self.letters[j, :len(c)] = torch.tensor(c)
+        self.label_tensor = torch.tensor(self.labels) if isinstance(self.labels, list) else None
 
 
 @dataclass
@@ -113,9 +122,8 @@ def collate(examples: list[Example], device=None, unk: tuple[torch.Tensor, float
     chars = torch.zeros(n, time, letters, dtype=torch.long)
     lengths = torch.tensor([len(e.words) for e in examples])
     for i, e in enumerate(examples):
-        words[i, :len(e.words)] = torch.tensor(e.words)
-        for j, c in enumerate(e.chars):
-            chars[i, j, :len(c)] = torch.tensor(c)
+        words[i, :len(e.words)] = e.word_tensor
+        chars[i, :e.letters.size(0), :e.letters.size(1)] = e.letters
     mask = torch.arange(time).unsqueeze(0) < lengths.unsqueeze(1)
     if unk is not None:
         singletons, p = unk
@@ -129,7 +137,7 @@ def collate(examples: list[Example], device=None, unk: tuple[torch.Tensor, float
         else:
             labels = torch.zeros(n, time, dtype=torch.long)
             for i, e in enumerate(examples):
-                labels[i, :len(e.labels)] = torch.tensor(e.labels)
+                labels[i, :len(e.labels)] = e.label_tensor
     extra = None
     if examples[0].extra is not None:
         extra = torch.zeros(n, time, examples[0].extra.size(1))
@@ -144,13 +152,20 @@ def collate(examples: list[Example], device=None, unk: tuple[torch.Tensor, float
 
 def with_features(model, examples: list[Example], sentences: list[list[str]], chunk: int = 256) -> list[Example]:
     """Fill in each example's character-LM features when the model reads them (a tagger with
-    task.lm_features); a no-op otherwise."""
+    task.lm_features); a no-op otherwise. Outside autocast: training and prediction read the
+    same features."""
     features = getattr(model, "features", None)
     if features is not None:
-        for start in range(0, len(examples), chunk):
-            for e, x in zip(examples[start:start + chunk], features(sentences[start:start + chunk])):
-                e.extra = x
+        with torch.autocast(next(model.parameters()).device.type, enabled=False):
+            for start in range(0, len(examples), chunk):
+                for e, x in zip(examples[start:start + chunk], features(sentences[start:start + chunk])):
+                    e.extra = x
     return examples
+
+
+def examples_for(model, vocab: Vocab, sentences: list[list[str]]) -> list[Example]:
+    """Unlabelled sentences, encoded (with the features the model reads), for scoring and prediction."""
+    return with_features(model, [encode(vocab, words) for words in sentences], sentences)
 
 
 def buckets(lengths: list[int], batch_size: int, generator: torch.Generator | None = None) -> list[list[int]]:

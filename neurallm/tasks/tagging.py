@@ -13,9 +13,7 @@ from neurallm.data import conll
 from neurallm.errors import NlmError
 from neurallm.models.tagger import Tagger
 from neurallm.tasks import common
-from neurallm.tasks.sentences import Vocab, buckets, collate, encode, with_features
-
-EVAL_BATCH = 64
+from neurallm.tasks.sentences import EVAL_BATCH, Vocab, buckets, collate, examples_for
 
 
 def read(path: Path, column: str) -> list[conll.Sentence]:
@@ -31,16 +29,22 @@ def read(path: Path, column: str) -> list[conll.Sentence]:
     return conll.read_conll(path, tag_column=index)
 
 
+def read_labelled(path: Path, task: config.TaskConfig):
+    """-> (word lists, tag lists, the line each sentence starts on) of a labelled file; an empty file,
+    or one that mixes tag schemes, is an error naming it."""
+    sentences = read(path, task.column)
+    if not sentences:
+        raise NlmError(f"{path}: no sentences")
+    if task.scheme != "none":
+        conll.check_scheme(sentences, path)  # one scheme per file, or an error naming the line
+    return [s.words for s in sentences], [s.tags for s in sentences], [s.line for s in sentences]
+
+
 class Tagging(common.SentenceTask):
     kind = "tag"
 
     def read(self, path: Path):
-        sentences = read(path, self.recipe.task.column)
-        if not sentences:
-            raise NlmError(f"{path}: no sentences")
-        if self.recipe.task.scheme != "none":
-            conll.check_scheme(sentences, path)  # one scheme per file, or an error naming the line
-        return [s.words for s in sentences], [s.tags for s in sentences], [s.line for s in sentences]
+        return read_labelled(path, self.recipe.task)
 
     def label_set(self, labels) -> list[str]:
         scheme = self.recipe.task.scheme
@@ -52,8 +56,8 @@ class Tagging(common.SentenceTask):
     def make_model(self, vocab: Vocab):
         return make_model(self.recipe, vocab)
 
-    def metrics(self, model, vocab, words, labels, path, lines) -> dict:
-        return score(model, vocab, self.recipe, words, labels, path, lines)
+    def metrics(self, model, vocab, words, labels, path, lines, examples=None) -> dict:
+        return score(model, vocab, self.recipe, words, labels, path, lines, examples)
 
     def figure(self, metrics: dict) -> float:
         return 1.0 - metrics["f1" if "f1" in metrics else "accuracy"]
@@ -81,9 +85,11 @@ def label_ids(vocab: Vocab, labels: list[list[str]], scheme: str, path, lines) -
     return out
 
 
-def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = EVAL_BATCH) -> list[list[str]]:
-    """Labels for each sentence (in the model's scheme), in the order given; batches by length."""
-    examples = with_features(model, [encode(vocab, words) for words in sentences], sentences)
+def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = EVAL_BATCH,
+            examples=None) -> list[list[str]]:
+    """Labels for each sentence (in the model's scheme), in the order given; batches by length.
+    ``examples``: the sentences already encoded (examples_for), when scored again and again."""
+    examples = examples or examples_for(model, vocab, sentences)
     out: list[list[str] | None] = [None] * len(sentences)
     device = next(model.parameters()).device
     for rows in buckets([len(e.words) for e in examples], batch_size):
@@ -93,13 +99,13 @@ def predict(model, vocab: Vocab, sentences: list[list[str]], batch_size: int = E
     return out
 
 
-def score(model, vocab: Vocab, recipe: config.Recipe, words, labels, path, lines) -> dict:
+def score(model, vocab: Vocab, recipe: config.Recipe, words, labels, path, lines, examples=None) -> dict:
     """Accuracy over words; for span labels also entity-level P/R/F1 and F1 per entity type."""
     scheme = recipe.task.scheme
     label_ids(vocab, labels, scheme, path, lines)  # every gold label is one the model knows
     was_training = model.training
     model.eval()
-    guessed = predict(model, vocab, words)
+    guessed = predict(model, vocab, words, examples=examples)
     model.train(was_training)
     gold = [conll.to_scheme(t, "bio") for t in labels] if scheme != "none" else labels
     guessed = [conll.to_scheme(t, "bio") for t in guessed] if scheme != "none" else guessed

@@ -128,12 +128,8 @@ def score(name: str, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    verb = SETTINGS[name][0]
+    module = _module(SETTINGS[name][0])
     out = run_dir(name, seed)
-    if verb == "tag":
-        from neurallm.tasks import tagging as module
-    else:
-        from neurallm.tasks import classification as module
     from neurallm.tasks.common import split_file
 
     model, recipe, vocab = module.load(out)
@@ -152,6 +148,46 @@ def score(name: str, seed: int) -> dict:
             "train_minutes": summary.get("elapsed_seconds", 0) / 60, "steps": summary.get("steps"),
             "epochs_completed": summary.get("epochs_completed"), "dev": figures["dev"], "test": figures["test"],
             "predict_tokens_per_s": tokens / seconds, "predict_batch_size": 64, "predict_threads": 1}
+
+
+def speed(name: str, seed: int, threads: int) -> dict:
+    """Prediction speed of a trained model on its test split: in-process (bucketed batches of 64), and
+    `nlm tag|classify predict` on the split's text as a file (start-up, streaming and writing included)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    verb = SETTINGS[name][0]
+    module = _module(verb)
+    from neurallm.tasks.common import split_file
+
+    out = run_dir(name, seed)
+    model, recipe, vocab = module.load(out)
+    words = module.read_labelled(split_file(recipe.data.corpus, "test"), recipe.task)[0]
+    tokens = sum(len(w) for w in words)
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        module.predict(model, vocab, words, batch_size=64)
+        runs.append(tokens / (time.perf_counter() - start))
+    text = out / "test-input.txt"
+    text.write_text("".join(" ".join(w) + "\n" for w in words), encoding="utf-8")
+    start = time.perf_counter()
+    subprocess.run(["nlm", verb, "predict", str(out), "--file", str(text), "--no-progress"], check=True,
+                   stdout=subprocess.DEVNULL, env={**_env(), "OMP_NUM_THREADS": str(threads)})
+    command = tokens / (time.perf_counter() - start)
+    text.unlink()
+    return {"threads": threads, "batch_size": 64, "tokens": tokens, "in_process_tokens_per_s": statistics.median(runs),
+            "command_tokens_per_s": command}
+
+
+def _module(verb: str):
+    if verb == "tag":
+        from neurallm.tasks import tagging
+
+        return tagging
+    from neurallm.tasks import classification
+
+    return classification
 
 
 def main_figure(entry: dict, split: str) -> float:
@@ -196,9 +232,10 @@ def record(entry: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "score", "report"])
+    parser.add_argument("action", choices=["run", "score", "speed", "report"])
     parser.add_argument("setting", nargs="?", choices=sorted(SETTINGS))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="speed: torch threads (this machine has 2 cores)")
     args, extra = parser.parse_known_args()
     if args.action == "report":
         data = json.loads((RESULTS / "tasks.json").read_text())
@@ -206,6 +243,12 @@ def main() -> None:
         return
     if args.setting is None:
         parser.error("name a setting")
+    if args.action == "speed":  # run alone: nothing else on the machine
+        data = json.loads((RESULTS / "tasks.json").read_text())
+        entry = data["runs"][f"{args.setting}-s{args.seed}"]
+        entry["predict_speed"] = speed(args.setting, args.seed, args.threads)
+        record(entry)
+        return
     if args.action == "run":
         train(args.setting, args.seed, extra)
     record(score(args.setting, args.seed) if SETTINGS[args.setting][0] != "lm" else lm_entry(args.setting, args.seed))

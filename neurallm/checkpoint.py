@@ -226,6 +226,14 @@ def _check_weights(path: Path, expected) -> None:
         raise NlmError(f"{path}: does not match the sha256 in config.json (cut short or altered); quantize again")
 
 
+def load_float(directory, what: str):
+    """-> load(directory) of a language model whose weights another model takes (``what`` names the
+    use): a quantized checkpoint is refused, its weights are not the float ones."""
+    if "quantization" in describe(directory)[1]:
+        raise NlmError(f"{what} {directory}: a quantized language model; give the checkpoint it was quantized from")
+    return load(directory)
+
+
 def load(directory, device: str = "cpu"):
     """-> (model in eval mode, recipe, tokenizer): a trained or a quantized checkpoint (its layers
     swapped for quantized ones). Clear errors for a missing file or a mismatched shape."""

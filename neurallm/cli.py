@@ -335,6 +335,18 @@ def _add_unknown_arg(p: argparse.ArgumentParser) -> None:
                         "the score and counted; word models map unknown words to <unk> and count them")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """What every train verb takes (nlm train, nlm tag train, nlm classify train)."""
+    p.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
+    p.add_argument("--out", help="run directory (default runs/RECIPE)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object summarising the run")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float, top_p: float) -> None:
     p.add_argument("--max-tokens", type=positive, default=max_tokens, help="the most tokens to generate (a reply)")
     p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
@@ -355,14 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("train", help="train a language model from a recipe",
                          epilog="Any recipe key can be overridden: --model.hidden_size=650 --train.lr=1")
-    p.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
-    p.add_argument("--out", help="run directory (default runs/RECIPE)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--json", action="store_true", help="last line: one JSON object summarising the run")
-    p.add_argument("--no-progress", action="store_true")
+    _add_train_args(p)
     p.add_argument("--save-as", metavar="NAME", help="then add the best checkpoint to the model store as NAME")
     p.set_defaults(func=cmd_train, overrides=True)
 
@@ -468,16 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                  epilog="train takes recipe overrides as nlm train does: --model.hidden_size=300")
         actions = p.add_subparsers(dest="action", required=True)
         t = actions.add_parser("train", parents=[common], help="train from a recipe")
-        t.add_argument("recipe", help="a shipped recipe name or a path to a .toml file")
-        t.add_argument("--out", help="run directory (default runs/RECIPE)")
-        t.add_argument("--max-steps", type=int)
-        t.add_argument("--max-minutes", type=float)
-        t.add_argument("--device", choices=["auto", "cpu", "cuda"])
-        t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+        _add_train_args(t)
         t.add_argument("--init-from", metavar="LM", help="start the encoder from an nlm language model "
                                                          "(discriminative rates; task.unfreeze_steps for gradual unfreezing)")
-        t.add_argument("--json", action="store_true", help="last line: one JSON object summarising the run")
-        t.add_argument("--no-progress", action="store_true")
         t.set_defaults(func=cmd_task, overrides=True)
         e = actions.add_parser("eval", parents=[common], help="accuracy" + (", entity P/R/F1" if name == "tag" else "")
                                + " on a corpus split or a file")

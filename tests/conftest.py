@@ -107,6 +107,25 @@ def word_run(word_corpus, tmp_path):
     return out
 
 
+def fails(args: list[str], capsys, pattern: str) -> str:
+    """The verb stops with one error line matching ``pattern`` (exit status 2)."""
+    import re
+
+    from neurallm.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+    assert err.startswith("nlm: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def sentences(path: Path, count: int) -> str:
+    """The first ``count`` blank-line-separated blocks of a file (sentences, comments and all)."""
+    blocks = path.read_text(encoding="utf-8").split("\n\n")
+    return "\n\n".join(blocks[:count]) + "\n\n"
+
+
 def last_json(capsys) -> dict:
     """The last line of what a verb printed, as JSON."""
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import head, last_json, need
+from conftest import fails, head, last_json, need
 
 from neurallm import config
 from neurallm.cli import main
@@ -21,15 +21,6 @@ from neurallm.tasks.sentences import Vocab, collate, encode
 SMALL = ["--model.emb_size=32", "--model.hidden_size=32", "--model.num_layers=1", "--model.dropout=0",
          "--model.dropout_input=0", "--model.dropout_hidden=0", "--task.unk_replace=0", "--train.lr=0.01",
          "--train.schedule=constant", "--train.log_every=1000", "--train.save_every=1000", "--train.epochs=1000"]
-
-
-def fails(args: list[str], capsys, pattern: str) -> str:
-    """The verb stops with a one-line error matching ``pattern`` (exit status 2)."""
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert re.search(pattern, err), err
-    assert err.startswith("nlm: error: ") and len(err.strip().splitlines()) == 1, err
-    return err
 
 
 def tsv_rows(path) -> list[tuple[str, str]]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import last_json, need
+from conftest import fails, last_json, need, sentences
 from neurallm.cli import main
 
 # Small, no dropout, one batch holding the whole slice: a tagger must learn it by heart.
@@ -17,19 +16,6 @@ SMALL = ["--model.emb_size=32", "--model.hidden_size=32", "--model.num_layers=1"
          "--task.char_emb_size=8", "--model.dropout=0", "--model.dropout_input=0", "--model.dropout_hidden=0",
          "--task.unk_replace=0", "--train.lr=0.02", "--train.schedule=constant", "--train.log_every=1000",
          "--train.save_every=5", "--train.epochs=1000"]
-
-
-def fails(args: list[str], capsys, pattern: str) -> None:
-    """The verb stops with a one-line error matching ``pattern`` (exit status 2)."""
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert re.search(pattern, err), err
-
-
-def sentences(path, count: int) -> str:
-    """The first ``count`` blank-line-separated blocks of a file (sentences, comments and all)."""
-    blocks = path.read_text(encoding="utf-8").split("\n\n")
-    return "\n\n".join(blocks[:count]) + "\n\n"
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,11 @@ classifier, whose trees hold capitalised words)."""
 from __future__ import annotations
 
 import json
-
-import re
 import shutil
 
 import pytest
 import torch
-from conftest import TINY, head, last_json, need
+from conftest import TINY, fails, head, last_json, need, sentences
 from safetensors.torch import load_file
 
 from neurallm import checkpoint, config, fit
@@ -27,18 +25,6 @@ TASK = {"tag": ["--task.char_size=16", "--task.char_emb_size=8"], "classify": []
 STILL = ["--model.dropout=0", "--model.dropout_input=0", "--model.dropout_hidden=0", "--task.unk_replace=0",
          "--train.lr=0.01", "--train.schedule=constant", "--train.epochs=1000", "--train.log_every=1000",
          "--train.save_every=1000"]
-
-
-def fails(args: list[str], capsys, pattern: str) -> None:
-    """The verb stops with a one-line error matching ``pattern`` (exit status 2)."""
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert re.search(pattern, err), err
-
-
-def sentences(path, count: int) -> str:
-    blocks = path.read_text(encoding="utf-8").split("\n\n")
-    return "\n\n".join(blocks[:count]) + "\n\n"
 
 
 # ---- data and language models ---------------------------------------------------------------------
@@ -346,4 +332,4 @@ def test_a_quantized_lm_as_init_from_is_clearly_refused(scheme, lm, ud, tmp_path
     capsys.readouterr()
     code = main(["tag", "train", "ud-ewt-upos", "--out", str(tmp_path / "t"), "--max-steps", "1", "--no-progress",
                  f"--data.corpus={ud}", "--init-from", str(quantized), *TASK["tag"]])
-    assert code == 2 and "a quantized language model; start from the checkpoint" in capsys.readouterr().err
+    assert code == 2 and "a quantized language model; give the checkpoint it was quantized from" in capsys.readouterr().err

@@ -35,10 +35,7 @@ class CharLMFeatures(nn.Module):
 
         described, weights = [], []
         for path in paths:
-            if "quantization" in checkpoint.describe(path)[1]:
-                raise NlmError(f"task.lm_features {path}: a quantized language model; give the checkpoint it was "
-                               "quantized from")
-            lm, recipe, tokenizer = checkpoint.load(path)
+            lm, recipe, tokenizer = checkpoint.load_float(path, "task.lm_features")
             if tokenizer.kind != "char":
                 raise NlmError(f"task.lm_features {path}: a {tokenizer.kind}-level model; contextual features "
                                "need character language models")

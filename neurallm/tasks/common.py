@@ -224,10 +224,7 @@ LM_KEYS = ("cell", "emb_size", "hidden_size", "num_layers", "connection")
 def transfer_recipe(recipe: config.Recipe):
     """The language model named by task.init_from, and the recipe with its encoder shape."""
     source = recipe.task.init_from
-    if "quantization" in checkpoint.describe(source)[1]:
-        raise NlmError(f"task.init_from {source}: a quantized language model; start from the checkpoint it "
-                       "was quantized from")
-    lm, lm_recipe, tokenizer = checkpoint.load(source)
+    lm, lm_recipe, tokenizer = checkpoint.load_float(source, "task.init_from")
     if tokenizer.kind != "word":
         raise NlmError(f"task.init_from {source}: a {tokenizer.kind}-level language model; "
                        "the encoder's word table needs a word-level one")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def train(name: str, seed: int, extra: list[str]) -> dict:
     if (out / "resume").exists():
         cmd.append("--resume")  # a run cut short goes on where it stopped
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         sys.exit(f"training failed ({proc.returncode})")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -116,12 +117,6 @@ def lm_entry(name: str, seed: int) -> dict:
     return {"setting": name, "seed": seed, "command": f"python benchmarks/tasks.py run {name} --seed {seed}",
             "recipe": SETTINGS[name][1], "overrides": SETTINGS[name][2], "train_minutes": summary["elapsed_seconds"] / 60,
             "steps": summary["steps"], "valid_bpc": summary.get("valid_bpc")}
-
-
-def _env() -> dict:
-    import os
-
-    return dict(os.environ)
 
 
 def score(name: str, seed: int) -> dict:
@@ -174,7 +169,7 @@ def speed(name: str, seed: int, threads: int) -> dict:
     text.write_text("".join(" ".join(w) + "\n" for w in words), encoding="utf-8")
     start = time.perf_counter()
     subprocess.run(["nlm", verb, "predict", str(out), "--file", str(text), "--no-progress"], check=True,
-                   stdout=subprocess.DEVNULL, env={**_env(), "OMP_NUM_THREADS": str(threads)})
+                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     command = tokens / (time.perf_counter() - start)
     text.unlink()
     return {"threads": threads, "batch_size": 64, "tokens": tokens, "in_process_tokens_per_s": statistics.median(runs),

@@ -25,7 +25,7 @@ def read(path: Path) -> list[sentiment.Example]:
     return examples
 
 
-def read_labelled(path: Path, task: config.TaskConfig = None):
+def read_labelled(path: Path, task: config.TaskConfig | None = None):
     """-> (word lists, labels, the line of each) of a labelled file; an empty one is an error naming it."""
     examples = read(path)
     if not examples:

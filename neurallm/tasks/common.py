@@ -207,7 +207,7 @@ class SentenceTask(fit.Task):
         task = self.recipe.task
         if not task.init_from:
             return None
-        count = len(self.groups())
+        count = self.recipe.model.num_layers + 2  # as groups() makes them: the word table, each layer, the rest
         factors = []
         for g in range(count):
             depth = count - 1 - g  # 0 for the head

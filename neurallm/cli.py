@@ -299,6 +299,28 @@ def cmd_score(args, _) -> int:
     return 0
 
 
+# nlm diagnose PROBE: the module and function that run it (each -> (result, lines)).
+PROBES = {"gradients": ("flow", "gradients"), "depth": ("flow", "depth"), "explode": ("explode", "command"),
+          "memory": ("memory", "command"), "dependency": ("dependency", "command"), "gates": ("gates", "command")}
+
+
+def cmd_diagnose(args, _) -> int:
+    import importlib
+
+    module, function = PROBES[args.probe]
+    result, lines = getattr(importlib.import_module(f"neurallm.diagnostics.{module}"), function)(args)
+    _emit(result, args.json, lines)
+    return 0
+
+
+def cmd_compare(args, overrides: list[str]) -> int:
+    from neurallm.diagnostics import compare
+
+    result, lines = compare.command(args, overrides)
+    _emit(result, args.json, lines)
+    return 0
+
+
 def cmd_data(args, _) -> int:
     from neurallm.data import corpora
 
@@ -498,6 +520,108 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="one JSON object per sentence")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=cmd_task)
+
+    p = verb("diagnose", help="the gradient lab: gradients, depth, explode, memory, dependency, gates",
+             description="Measure why gated cells beat vanilla RNNs; each probe prints its figures, writes a JSON "
+                         "file and PNG plots (with the plots extra) to --out, and --json prints the figures.")
+    probes = p.add_subparsers(dest="probe", required=True)
+
+    def probe(name: str, help: str) -> argparse.ArgumentParser:
+        q = probes.add_parser(name, parents=[common], help=help)
+        q.add_argument("--out", help=f"folder for the plots and JSON (default runs/diagnose/{name})")
+        q.add_argument("--seed", type=int, default=1)
+        q.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+        return q
+
+    def built_model(q: argparse.ArgumentParser, cell: str, layers: int, hidden: int) -> None:
+        """A model built by the probe (at initialisation) rather than read from a checkpoint."""
+        q.add_argument("--cell", default=cell, help="rnn (tanh), rnn_relu, lstm or gru")
+        q.add_argument("--layers", type=positive, default=layers)
+        q.add_argument("--hidden", type=positive, default=hidden, help="units per layer")
+        q.add_argument("--emb", type=positive, default=hidden, help="embedding size")
+        q.add_argument("--connection", default="none", choices=["none", "residual", "highway", "dense"])
+
+    q = probe("gradients", "‖∂J(t)/∂h(k)‖ against the distance t - k, per layer, and the recurrent matrices' "
+                           "singular values")
+    q.add_argument("checkpoint", nargs="?", help="a trained LM (measured beside its architecture at initialisation); "
+                                                 "or none and --cell for a model at initialisation")
+    built_model(q, "rnn", 1, 200)
+    q.add_argument("--data", help="corpus to read (default: the checkpoint's, or ptb)")
+    q.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    q.add_argument("--length", type=positive, default=200, help="time steps back from the loss")
+    q.add_argument("--rows", type=positive, default=32, help="text positions averaged (one backward pass each batch)")
+    q.add_argument("--warmup", type=int, default=100, help="tokens read before the window (the state is not zero)")
+    q.add_argument("--factor", type=float, default=1000.0, help="decay_distance: where the norm has fallen this much")
+    q.set_defaults(func=cmd_diagnose)
+
+    q = probe("depth", "gradient flow through the layers of deep stacks with each connection")
+    q.add_argument("--cell", default="lstm", help="rnn (tanh), rnn_relu, lstm or gru")
+    q.add_argument("--layers", default="2,4,8", help="stack depths")
+    q.add_argument("--connections", default="none,residual,highway,dense")
+    q.add_argument("--hidden", type=positive, default=128)
+    q.add_argument("--data", default="ptb")
+    q.add_argument("--length", type=positive, default=50)
+    q.add_argument("--rows", type=positive, default=16)
+    q.add_argument("--warmup", type=int, default=50)
+    q.add_argument("--steps", type=int, default=0, help="train each stack this many steps first (0: at initialisation)")
+    q.set_defaults(func=cmd_diagnose)
+
+    q = probe("explode", "train with and without clipping, and with the recurrent weights scaled up")
+    built_model(q, "rnn", 1, 128)
+    q.add_argument("--data", default="ptb")
+    q.add_argument("--steps", type=positive, default=300)
+    q.add_argument("--lr", type=float, default=1.0, help="SGD rate")
+    q.add_argument("--clip", type=float, default=0.25, help="gradient-norm clip of the clipped runs")
+    q.add_argument("--scale", type=float, default=3.0, help="the scaled runs' recurrent weights times this")
+    q.add_argument("--batch-size", type=positive, default=20)
+    q.add_argument("--bptt", type=positive, default=35)
+    q.set_defaults(func=cmd_diagnose)
+
+    q = probe("memory", "synthetic tasks whose answer lies d steps back: the largest d each cell solves")
+    q.add_argument("--cells", default="rnn,lstm,gru")
+    q.add_argument("--tasks", default="copy,adding", help="copy (recall a symbol after d steps of noise), adding")
+    q.add_argument("--distances", default="5,10,20,50,100,200")
+    q.add_argument("--params", type=positive, default=20000, help="each cell sized to about this many parameters")
+    q.add_argument("--steps", type=positive, default=1500, help="training steps per cell, task and distance")
+    q.add_argument("--batch-size", type=positive, default=64)
+    q.add_argument("--lr", type=float, default=3e-3, help="Adam's rate")
+    q.add_argument("--seeds", type=positive, default=1, help="repeat each setting with this many seeds")
+    q.add_argument("--eval-size", type=positive, default=1000, help="held-out sequences per setting")
+    q.set_defaults(func=cmd_diagnose)
+
+    q = probe("dependency", "how much a trained LM raises a word it saw d tokens earlier in the document")
+    q.add_argument("checkpoints", nargs="+", help="language models to compare (same corpus)")
+    q.add_argument("--data", help="corpus (default: the first checkpoint's)")
+    q.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    q.add_argument("--tokens", type=positive, default=100000, help="tokens of the split read")
+    q.add_argument("--per-bin", type=positive, default=300, help="repeated words measured per distance bin")
+    q.set_defaults(func=cmd_diagnose)
+
+    q = probe("gates", "gate saturation over a corpus and a heat map of chosen units over a passage")
+    q.add_argument("checkpoint")
+    q.add_argument("--text", help="the passage drawn (default: the start of the model's validation text)")
+    q.add_argument("--file", help="read the passage from this file")
+    q.add_argument("--tokens", type=positive, default=20000, help="validation tokens the saturation is measured on")
+    q.add_argument("--units", help="units drawn, e.g. 3,17,250 (default: the most active few)")
+    q.add_argument("--layer", type=int, default=-1, help="layer drawn (0 = the bottom; -1 = the top)")
+    q.add_argument("--chars", type=positive, default=600, help="length of the default passage (tokens)")
+    q.set_defaults(func=cmd_diagnose)
+
+    p = verb("compare", help="train RNN, LSTM and GRU on one recipe under one budget; a Markdown report",
+             epilog="Recipe overrides apply to every cell: --model.hidden_size=300")
+    p.add_argument("recipe")
+    p.add_argument("--cells", default="rnn,lstm,gru")
+    p.add_argument("--minutes", type=float, help="wall-clock budget per cell")
+    p.add_argument("--steps", type=int, help="step budget per cell")
+    p.add_argument("--match", default="size", choices=["size", "params"],
+                   help="size: the recipe's sizes for every cell; params: each hidden size set to match the "
+                        "first cell's parameter count")
+    p.add_argument("--valid-every", type=positive, help="validate every this many steps (the curve's points)")
+    p.add_argument("--out", help="folder of the runs and report (default runs/compare/RECIPE)")
+    p.add_argument("--resume", action="store_true", help="go on with the runs in --out")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare, overrides=True)
 
     p = verb("data", help="known corpora: list, info NAME, download NAME")
     p.add_argument("action", choices=["list", "info", "download"])

@@ -109,6 +109,12 @@ class TrainConfig:
     save_every: int = 500  # steps between training-state snapshots (for --resume)
     max_steps: int = 0  # 0: no bound
     max_minutes: float = 0.0  # 0: no bound
+    valid_every: int = 0  # steps between validations within an epoch (0: at each epoch's end only)
+    # A non-finite loss or gradient: stop with an error, or recover: go back to the last snapshot
+    # (resume/), multiply the rate by recover_factor and go on, at most recover_tries times.
+    on_divergence: str = "stop"  # stop | recover
+    recover_tries: int = 3
+    recover_factor: float = 0.5
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
 
@@ -126,6 +132,10 @@ class TrainConfig:
         _check(0 < self.decay_factor <= 1, "train.decay_factor", self.decay_factor, "a number in (0, 1]")
         _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "a number >= 0")
+        _check(self.valid_every >= 0, "train.valid_every", self.valid_every, "an integer >= 0")
+        _check(self.on_divergence in ("stop", "recover"), "train.on_divergence", self.on_divergence, "stop or recover")
+        _check(self.recover_tries >= 1, "train.recover_tries", self.recover_tries, "an integer >= 1")
+        _check(0 < self.recover_factor < 1, "train.recover_factor", self.recover_factor, "a number in (0, 1)")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,19 @@ class Progress:
     tokens: int = 0
     train_loss: float = math.nan
     valid_loss: float = math.nan
+    recoveries: int = 0  # times train.on_divergence = recover went back to a snapshot
+
+
+class Window:
+    """The steps since the last log line: their summed loss and gradient norm, from which time and token count."""
+
+    def __init__(self, progress: Progress):
+        self.loss, self.norm, self.norm_max, self.steps = 0.0, 0.0, 0.0, 0
+        self.since, self.tokens = time.perf_counter(), progress.tokens
+
+    def add(self, loss: float, norm: float) -> None:
+        self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
+        self.norm_max = max(self.norm_max, norm)
 
 
 class Task:
@@ -245,8 +258,10 @@ class Loop:
             dist.destroy_process_group()
 
     # ---- one step -------------------------------------------------------------------------
-    def train_step(self, index: int, lr: float) -> tuple[float, int]:
-        """One batch: forward, backward, clip, update. -> (loss of the global batch, tokens in it)."""
+    def train_step(self, index: int, lr: float) -> tuple[float, int, float]:
+        """One batch: forward, backward, clip, update. -> (loss of the global batch, tokens in it, the
+        gradient's norm before clipping). A non-finite gradient is not applied (the loop then stops or
+        recovers)."""
         self.model.train()
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
         with autocast:
@@ -259,14 +274,15 @@ class Loop:
             if factor == 0:  # frozen: no update, no optimizer state, and no share of the clipped norm
                 for p in group["params"]:
                     p.grad = None
-        if self.cfg.clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        self.optimizer.step()
+        # The norm is measured even without a clip: it is logged, and a non-finite one stops the update.
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip or math.inf).item()
+        if math.isfinite(norm):
+            self.optimizer.step()
         loss = loss.detach()
         if self.world > 1:  # report the loss of the global batch, as one process would
             dist.all_reduce(loss)
             loss /= self.world
-        return loss.item(), self.task.global_tokens(tokens, self.world)
+        return loss.item(), self.task.global_tokens(tokens, self.world), norm
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -277,8 +293,11 @@ class Loop:
         first_step = p.step
         self.bar = RunProgress(total_steps, cfg.max_minutes * 60, p.step, p.elapsed, enabled=self.show_progress)
         self._catch_interrupt()
+        if cfg.on_divergence == "recover" and not (self.out / "resume").exists():
+            self.snapshot()  # a state to go back to before the first scheduled snapshot
         try:
             stopped = self._loop(started, total_steps)
+            p = self.progress  # (a recovery from divergence replaced it)
             if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do
                 if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
                     self.validate()  # a bounded run still reports where it got to
@@ -294,34 +313,65 @@ class Loop:
 
     def _loop(self, started: float, total_steps: int) -> bool:
         """Train until the epochs are done (-> False) or a bound or Ctrl-C stops the run (-> True)."""
-        cfg, p = self.cfg, self.progress
+        cfg = self.cfg
         stopped = False
-        while p.epoch <= cfg.epochs and not stopped:
-            window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
+        while self.progress.epoch <= cfg.epochs and not stopped:
+            window = Window(self.progress)
             lr = math.nan  # set by the first step; logged only after one
-            while p.window < self.task.batches:
+            while self.progress.window < self.task.batches:
+                p = self.progress  # (a recovery replaces it)
                 if self._should_stop(started):
                     stopped = True
-                    if window_steps:  # the steps since the last log line: a short run reports its loss too
-                        self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
+                    if window.steps:  # the steps since the last log line: a short run reports its loss too
+                        self._log_train(lr, window)
                     break
                 lr = learning_rate(cfg, p, total_steps)
                 t0 = time.perf_counter()
-                loss, tokens = self.train_step(p.window, lr)
-                self._check_finite(loss, f"at step {p.step + 1}")
+                loss, tokens, norm = self.train_step(p.window, lr)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    self._diverged(f"at step {p.step + 1} (loss {loss}, gradient norm {norm})")
+                    window = Window(self.progress)
+                    continue
                 p.train_seconds += time.perf_counter() - t0
                 p.tokens += tokens
                 p.window += 1
                 p.step += 1
-                window_loss, window_steps = window_loss + loss, window_steps + 1
+                window.add(loss, norm)
                 if p.step % cfg.log_every == 0 or p.window == self.task.batches:
-                    self._log_train(lr, window_loss, window_steps, tick, tokens_at_tick)
-                    window_loss, window_steps, tick, tokens_at_tick = 0.0, 0, time.perf_counter(), p.tokens
+                    self._log_train(lr, window)
+                    window = Window(p)
+                if cfg.valid_every and p.step % cfg.valid_every == 0 and p.window < self.task.batches:
+                    self.validate()  # (an epoch's end validates anyway)
                 if p.step % cfg.save_every == 0:
                     self.snapshot()
             if not stopped:
                 self.end_epoch()
         return stopped
+
+    def _diverged(self, where: str) -> None:
+        """A non-finite loss or gradient: an error (train.on_divergence = stop), or back to the last
+        snapshot with the rate lowered, a counted number of times (recover)."""
+        cfg, p = self.cfg, self.progress
+        if cfg.on_divergence != "recover":
+            raise NlmError(f"training diverged {where}; lower train.lr, set train.clip, or set "
+                           f"train.on_divergence=recover (the last snapshot, if any, is in {self.out / 'resume'})")
+        if p.recoveries >= cfg.recover_tries:
+            raise NlmError(f"training diverged {where} after {p.recoveries} recoveries (train.recover_tries); "
+                           f"gave up. Lower train.lr or set train.clip (the last snapshot is in {self.out / 'resume'})")
+        kept = {"recoveries": p.recoveries + 1, "lr_scale": p.lr_scale * cfg.recover_factor, "elapsed": p.elapsed,
+                "train_seconds": p.train_seconds, "best_valid": p.best_valid}
+        self.restore()  # the last snapshot: weights, optimizer, position, random state
+        # The clock runs on (the time was spent), the best checkpoint saved stays the one to beat, and
+        # the lowered rate and the count of recoveries carry over.
+        p = self.progress
+        for key, value in kept.items():
+            setattr(p, key, value)
+        tries, scale = p.recoveries, p.lr_scale
+        self._log({"step": p.step, "epoch": p.epoch, "event": "recovered", "diverged": where, "lr_scale": scale,
+                   "recoveries": tries})
+        if self.rank == 0:
+            self.bar.write(f"training diverged {where}: back to step {p.step}, the rate times {scale:g} "
+                           f"(recovery {tries} of {cfg.recover_tries})")
 
     def _catch_interrupt(self) -> None:
         """The first Ctrl-C ends the run cleanly after the current step (resumable); a second one aborts."""
@@ -352,11 +402,6 @@ class Loop:
             stop, p.elapsed = bool(shared[0].item()), shared[1].item()
         return bool(stop)
 
-    def _check_finite(self, loss: float, where: str) -> None:
-        if not math.isfinite(loss):
-            raise NlmError(f"training diverged {where} (loss {loss}); lower train.lr or set train.clip "
-                           f"(the last snapshot, if any, is in {self.out / 'resume'})")
-
     def end_epoch(self) -> None:
         p = self.progress
         self.validate()
@@ -370,9 +415,11 @@ class Loop:
         """The task's validation figure; saves the weights as the run's checkpoint when they are the best so far."""
         p = self.progress
         p.valid_loss, figures = self.task.validate()
-        self._check_finite(p.valid_loss, f"in validation at step {p.step}")
+        if not math.isfinite(p.valid_loss):
+            raise NlmError(f"training diverged: validation at step {p.step} gave {p.valid_loss}; lower train.lr or "
+                           f"set train.clip (the last snapshot, if any, is in {self.out / 'resume'})")
         improved = p.valid_loss < p.best_valid
-        record = {"step": p.step, "epoch": p.epoch, **figures}
+        record = {"step": p.step, "epoch": p.epoch, "elapsed": p.elapsed, **figures}
         self._log(record)
         self.bar.validated(p.step, p.epoch, p.elapsed, p.valid_loss, figures.get("valid_bpc") is not None,
                            text=self.task.figure_text(record))
@@ -490,12 +537,13 @@ class Loop:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _log_train(self, lr: float, loss_sum: float, steps: int, since: float, tokens_since: int) -> None:
-        """Log the mean loss and the token rate of the ``steps`` steps since time ``since``."""
+    def _log_train(self, lr: float, window: "Window") -> None:
+        """Log the mean loss, gradient norm and token rate of the steps since the last log line."""
         p = self.progress
-        p.train_loss = loss_sum / steps
-        rate = (p.tokens - tokens_since) / (time.perf_counter() - since)
-        self._log({"step": p.step, "epoch": p.epoch, "lr": lr, "train_loss": p.train_loss, "tokens_per_s": rate})
+        p.train_loss = window.loss / window.steps
+        rate = (p.tokens - window.tokens) / (time.perf_counter() - window.since)
+        self._log({"step": p.step, "epoch": p.epoch, "elapsed": p.elapsed, "lr": lr, "train_loss": p.train_loss,
+                   "grad_norm": window.norm / window.steps, "grad_norm_max": window.norm_max, "tokens_per_s": rate})
         self.bar.update(p.step, p.elapsed, p.epoch, p.train_loss, rate)
 
     def plot(self) -> None:
@@ -513,7 +561,7 @@ class Loop:
                 # over the run's wall-clock, validation and snapshots included (as benchmarks/ measures both sides)
                 "tokens_per_s": p.tokens / max(p.elapsed, 1e-9),
                 "train_step_tokens_per_s": p.tokens / max(p.train_seconds, 1e-9),  # training steps only
-                "train_loss": p.train_loss, **self.task.summary(p),
+                "train_loss": p.train_loss, **self.task.summary(p), "recoveries": p.recoveries,
                 "peak_rss_mb": runtime.peak_rss_mb(),
                 "processes": self.world, "device": str(self.device), "interrupted": self.interrupted}
 

@@ -97,6 +97,13 @@ class RunProgress:
             where = f"step {step} of {self.total_steps}, epoch {epoch}, {clock} elapsed"
         print(f"{where}: {text or f'valid loss {valid_loss:.4f} ({figure})'}", file=self.stream, flush=True)
 
+    def write(self, message: str) -> None:
+        """A line that must be seen (a warning), progress shown or not; above the bar when there is one."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -182,11 +182,11 @@ def test_a_diverging_run_stops_with_an_error(word_corpus, tmp_path, monkeypatch)
     real_step = train_mod.Trainer.train_step
 
     def diverges(self, index, lr):
-        loss, tokens = real_step(self, index, lr)
-        return (math.nan if self.progress.step == 7 else loss), tokens
+        loss, tokens, norm = real_step(self, index, lr)
+        return (math.nan if self.progress.step == 7 else loss), tokens, norm
 
     monkeypatch.setattr(train_mod.Trainer, "train_step", diverges)
-    with pytest.raises(NlmError, match=r"training diverged at step 8 \(loss nan\); lower train.lr"):
+    with pytest.raises(NlmError, match=r"training diverged at step 8 \(loss nan, gradient norm [0-9.]+\); lower train.lr"):
         train(recipe(word_corpus, "--train.max_steps=20"), tmp_path / "run", show_progress=False)
     state = json.loads((tmp_path / "run" / "resume" / "state.json").read_text())
     assert state["progress"]["step"] == 5  # the last snapshot before it (save_every=5) is kept

@@ -30,8 +30,18 @@ def lstm_update(gx, gh, c):
     c' = f ⊙ c + i ⊙ g                          the additive cell path that lets gradients flow
     h' = o ⊙ tanh(c')
     """
+    return lstm_state(lstm_gates(gx, gh), c)
+
+
+def lstm_gates(gx, gh):
+    """The LSTM's gates (i, f, g, o), each (batch, hidden): apart so that probes can read them."""
     i, f, g, o = (gx + gh).chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+
+def lstm_state(gates, c):
+    """The LSTM's new (h, c) from its gates and the cell c."""
+    i, f, g, o = gates
     c = f * c + i * g
     return o * torch.tanh(c), c
 
@@ -44,11 +54,20 @@ def gru_update(gx, gh, h):
     n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
     h' = (1 - z) ⊙ n + z ⊙ h
     """
+    return gru_state(gru_gates(gx, gh), h)
+
+
+def gru_gates(gx, gh):
+    """The GRU's reset and update gates and candidate (r, z, n), each (batch, hidden)."""
     xr, xz, xn = gx.chunk(3, dim=1)
     hr, hz, hn = gh.chunk(3, dim=1)
     r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
+    return r, torch.sigmoid(xz + hz), torch.tanh(xn + r * hn)
+
+
+def gru_state(gates, h):
+    """The GRU's new h from its gates and the old h."""
+    _, z, n = gates
     return (1 - z) * n + z * h
 
 

@@ -201,6 +201,7 @@ class Loop:
         self.optimizer = make_optimizer(task.param_groups(), self.cfg)
         self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
         self.progress = Progress()
+        self.validated_at = -1  # the step of the last validation
         if resume:
             self.restore()
 
@@ -299,7 +300,7 @@ class Loop:
             stopped = self._loop(started, total_steps)
             p = self.progress  # (a recovery from divergence replaced it)
             if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do
-                if stopped and (p.window > 0 or math.isnan(p.valid_loss)):
+                if stopped and (p.window > 0 or math.isnan(p.valid_loss)) and self.validated_at != p.step:
                     self.validate()  # a bounded run still reports where it got to
                 self.snapshot()
         finally:
@@ -415,6 +416,7 @@ class Loop:
         """The task's validation figure; saves the weights as the run's checkpoint when they are the best so far."""
         p = self.progress
         p.valid_loss, figures = self.task.validate()
+        self.validated_at = p.step
         if not math.isfinite(p.valid_loss):
             raise NlmError(f"training diverged: validation at step {p.step} gave {p.valid_loss}; lower train.lr or "
                            f"set train.clip (the last snapshot, if any, is in {self.out / 'resume'})")

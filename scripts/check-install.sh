@@ -101,6 +101,21 @@ run="$work/run"
   "$nlm" tag eval "$work/ner-run" --file "$work/ner/valid.txt" --json
   "$nlm" classify train sst2 --out "$work/cls" --max-steps 3 --no-progress --data.corpus="$work/sst" $small
   echo "a fine film" | "$nlm" classify predict "$work/cls"
+  # The gradient lab without matplotlib: figures and JSON, and a line saying where the plots went.
+  lab="$work/lab"
+  "$nlm" diagnose gradients "$run" --length 8 --rows 2 --warmup 2 --out "$lab" > "$work/lab.out"
+  grep -q "pip install 'neurallm\[plots\]'" "$work/lab.out" && test -f "$lab/gradients.json"
+  "$nlm" diagnose gradients --cell gru --data "$corpus" --hidden 8 --length 8 --rows 2 --warmup 2 --out "$lab" --json
+  "$nlm" diagnose explode --data "$corpus" --hidden 8 --steps 3 --batch-size 2 --bptt 8 --out "$lab" > /dev/null
+  "$nlm" diagnose memory --cells rnn,gru --tasks copy,adding --distances 2,3 --params 300 --steps 3 --eval-size 8 \
+    --out "$lab" > /dev/null
+  "$nlm" diagnose gates "$run" --tokens 200 --chars 40 --out "$lab" > /dev/null && test -f "$lab/gates.html"
+  "$nlm" diagnose dependency "$run" --split valid --tokens 300 --per-bin 5 --out "$lab" > /dev/null
+  "$nlm" diagnose depth --data "$corpus" --layers 2 --connections none,residual --hidden 8 --length 5 --rows 2 \
+    --warmup 2 --out "$lab" > /dev/null
+  "$nlm" compare shakespeare-char --steps 2 --out "$lab/compare" --no-progress --data.corpus="$corpus" \
+    --model.hidden_size=8 --model.emb_size=8 --train.batch_size=4 --train.bptt=16 --train.eval_batch_size=2 > /dev/null
+  test -f "$lab/compare/report.md"
   # Byte-level BPE (tokenizers' DecodeStream streams its output) and the progress bar (tqdm).
   "$nlm" train ptb-small --out "$work/bpe" --max-steps 2 --no-progress --data.corpus="$corpus" \
     --data.tokenizer=bpe --data.bpe_vocab_size=300 --model.hidden_size=16 --model.emb_size=16 \

@@ -289,6 +289,7 @@ def plot_depth(result: dict, depths: list[int], connections: list[str], path) ->
             values = result["stacks"][f"{layers}-{connection}"]["through_depth"]
             ax.plot(range(1, layers + 1), values, "o-", label=connection)
         ax.set_yscale("log")
+        ax.set_xticks(range(1, layers + 1))
         ax.set_xlabel("layer (1 = bottom)")
         ax.set_title(f"{layers} layers")
         ax.grid(alpha=0.3, which="both")

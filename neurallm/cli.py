@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = probe("memory", "synthetic tasks whose answer lies d steps back: the largest d each cell solves")
     q.add_argument("--cells", default="rnn,lstm,gru")
     q.add_argument("--tasks", default="copy,adding", help="copy (recall a symbol after d steps of noise), adding")
-    q.add_argument("--distances", default="5,10,20,50,100,200")
+    q.add_argument("--distances", default="5,10,20,50,100")
     q.add_argument("--params", type=positive, default=20000, help="each cell sized to about this many parameters")
     q.add_argument("--steps", type=positive, default=1500, help="training steps per cell, task and distance")
     q.add_argument("--batch-size", type=positive, default=64)

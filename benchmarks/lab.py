@@ -2,7 +2,7 @@
 
     python benchmarks/lab.py gradients    # RNN, LSTM, GRU at initialisation, and the compare runs' trained PTB models
     python benchmarks/lab.py depth
-    python benchmarks/lab.py explode
+    python benchmarks/lab.py explode      # a tanh RNN at the defaults, and a ReLU one
     python benchmarks/lab.py memory
     python benchmarks/lab.py dependency   # the three PTB language models of `compare ptb`
     python benchmarks/lab.py gates        # the LSTM and GRU of `compare shakespeare`
@@ -46,8 +46,8 @@ def nlm(args: list[str], out: Path) -> dict:
 def keep_plots(source: Path, prefix: str) -> list[str]:
     (DOCS / "lab").mkdir(parents=True, exist_ok=True)
     kept = []
-    for png in sorted(source.glob("*.png")):
-        target = DOCS / "lab" / (f"{prefix}.png" if prefix.startswith(png.stem) else f"{prefix}-{png.name}")
+    for png in sorted([*source.glob("*.png"), *source.glob("*.html")]):
+        target = DOCS / "lab" / (f"{prefix}{png.suffix}" if prefix.startswith(png.stem) else f"{prefix}-{png.name}")
         shutil.copyfile(png, target)
         kept.append(str(target.relative_to(ROOT)))
     return kept
@@ -109,6 +109,9 @@ def main() -> None:
     elif args.probe == "gates":
         figures = {cell: probe("gates", [str(COMPARE / "shakespeare-char-small" / cell)], f"gates-{cell}")
                    for cell in ("lstm", "gru")}
+    elif args.probe == "explode":  # a tanh RNN (bounded states), and a ReLU one, whose states can overflow
+        figures = {"rnn": probe("explode", []), "rnn_relu": probe("explode", ["--cell", "rnn_relu", "--steps", "150"],
+                                                                   "explode-relu")}
     elif args.probe == "compare":
         if not args.which:
             parser.error("compare: name the comparison (" + ", ".join(COMPARISONS) + ")")

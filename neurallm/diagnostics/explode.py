@@ -108,6 +108,7 @@ def plot_runs(result: dict, path):
     top.set_ylabel("gradient norm (before clipping)")
     top.legend(fontsize=8)
     top.grid(alpha=0.3, which="both")
+    bottom.set_yscale("log")  # a diverging run's loss leaves the others' range by decades
     bottom.set_ylabel("training loss (nats per token)")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)

@@ -345,6 +345,13 @@ def positive(text: str) -> int:
     return value
 
 
+def nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 0")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (the --out of nlm train, an export, a quantized "
                                       "model) or a stored model's name")
@@ -550,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     q.add_argument("--length", type=positive, default=200, help="time steps back from the loss")
     q.add_argument("--rows", type=positive, default=32, help="text positions averaged (one backward pass each batch)")
-    q.add_argument("--warmup", type=int, default=100, help="tokens read before the window (the state is not zero)")
+    q.add_argument("--warmup", type=nonnegative, default=100, help="tokens read before the window (the state is not zero)")
     q.add_argument("--factor", type=float, default=1000.0, help="decay_distance: where the norm has fallen this much")
     q.set_defaults(func=cmd_diagnose)
 
@@ -562,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", default="ptb")
     q.add_argument("--length", type=positive, default=50)
     q.add_argument("--rows", type=positive, default=16)
-    q.add_argument("--warmup", type=int, default=50)
-    q.add_argument("--steps", type=int, default=0, help="train each stack this many steps first (0: at initialisation)")
+    q.add_argument("--warmup", type=nonnegative, default=50)
+    q.add_argument("--steps", type=nonnegative, default=0, help="train each stack this many steps first (0: at initialisation)")
     q.set_defaults(func=cmd_diagnose)
 
     q = probe("explode", "train with and without clipping, and with the recurrent weights scaled up")
@@ -608,11 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_diagnose)
 
     p = verb("compare", help="train RNN, LSTM and GRU on one recipe under one budget; a Markdown report",
+             description="Trains each cell on the recipe one after another (without --steps or --minutes, for the "
+                         "recipe's whole schedule: hours for ptb-small), then writes report.md, compare.json and plots.",
              epilog="Recipe overrides apply to every cell: --model.hidden_size=300")
-    p.add_argument("recipe")
-    p.add_argument("--cells", default="rnn,lstm,gru")
+    p.add_argument("recipe", help="a shipped language-model recipe name or a .toml file")
+    p.add_argument("--cells", default="rnn,lstm,gru", help="cells to train, in order (rnn, rnn_relu, lstm, gru)")
     p.add_argument("--minutes", type=float, help="wall-clock budget per cell")
-    p.add_argument("--steps", type=int, help="step budget per cell")
+    p.add_argument("--steps", type=positive, help="step budget per cell")
     p.add_argument("--match", default="size", choices=["size", "params"],
                    help="size: the recipe's sizes for every cell; params: each hidden size set to match the "
                         "first cell's parameter count")

@@ -294,9 +294,9 @@ class Loop:
         first_step = p.step
         self.bar = RunProgress(total_steps, cfg.max_minutes * 60, p.step, p.elapsed, enabled=self.show_progress)
         self._catch_interrupt()
-        if cfg.on_divergence == "recover" and not (self.out / "resume").exists():
-            self.snapshot()  # a state to go back to before the first scheduled snapshot
         try:
+            if cfg.on_divergence == "recover" and not (self.out / "resume").exists():
+                self.snapshot()  # a state to go back to before the first scheduled snapshot
             stopped = self._loop(started, total_steps)
             p = self.progress  # (a recovery from divergence replaced it)
             if p.step > first_step or math.isnan(p.valid_loss):  # else a resume found nothing left to do

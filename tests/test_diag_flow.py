@@ -39,6 +39,23 @@ def test_the_probe_equals_a_hand_computed_jacobian_product_of_a_tanh_rnn():
     assert torch.allclose(norms[:, 0], torch.stack(expected, dim=1), rtol=1e-4, atol=1e-7)
 
 
+def test_every_layer_and_distance_is_the_gradient_of_that_state():
+    """measure() against autograd on the unrolled states themselves, for each layer, distance, h and c."""
+    model = lm("lstm", layers=3, connection="residual")
+    batch = torch.randint(0, 11, (2, 7))
+    norms = flow.measure(model, batch, 2)
+    with torch.no_grad():
+        _, state = model(batch[:, :2])
+    features, states = flow.unroll(model, batch[:, 2:-1], state)
+    nll = model.loss(features[:, -1:], batch[:, -1:], reduction="none").sum()
+    for k in range(len(states)):
+        for layer in range(3):
+            grad = torch.autograd.grad(nll, states[k][layer], retain_graph=True)[0]  # (parts, rows, hidden)
+            d = len(states) - 1 - k
+            assert torch.allclose(norms["h"][:, layer, d], grad[0].norm(dim=1), rtol=1e-4, atol=1e-8)
+            assert torch.allclose(norms["c"][:, layer, d], grad[1].norm(dim=1), rtol=1e-4, atol=1e-8)
+
+
 def linear_regime(cell: str, radius: float) -> RNNLM:
     """A tanh or ReLU RNN whose state stays at 0 (zero inputs and biases), so each step is the linear map
     W_hh, here ``radius`` times an orthogonal matrix: every step back multiplies the gradient by ``radius``."""
@@ -127,8 +144,10 @@ def test_depth_command(word_corpus, tmp_path, capsys, one_thread):
                  "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["stacks"]) == {"2-none", "2-residual", "3-none", "3-residual"}
-    assert result["stacks"]["3-residual"]["through_depth"][-1] == pytest.approx(1.0)
-    assert len(result["stacks"]["3-none"]["through_depth"]) == 3
+    stacks = result["stacks"]
+    assert len(stacks["3-none"]["through_depth"]) == 3 and stacks["3-none"]["through_depth"][-1] == 1.0
+    # The residual sum carries the top's gradient down whole (and more); without it, a share is lost per layer.
+    assert stacks["3-residual"]["through_depth"][0] > 0.9 > stacks["3-none"]["through_depth"][0]
     assert (tmp_path / "depth.png").is_file()
 
 

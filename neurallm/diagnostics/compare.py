@@ -95,7 +95,9 @@ def command(args, overrides: list[str]) -> tuple[dict, list[str]]:
             checkpoint.atomic_write(run_dir / "summary.json",
                                     lambda p, s=summary: p.write_text(json.dumps(common.finite(s)) + "\n"))
         results[common.SHORT[cell]] = describe_run(run_dir, recipe, summary, recipe.train.seed)
-    for cell, rate in step_speed(runs).items():
+    sized = {cell: config.replace(recipe, model={"vocab_size": results[common.SHORT[cell]]["vocab_size"]})
+             for cell, recipe in runs.items()}
+    for cell, rate in step_speed(sized).items():
         results[cell]["step_tokens_per_s"] = rate
     first = next(iter(runs.values()))
     report = {"recipe": args.recipe, "overrides": overrides, "match": args.match, "budget": budget_text(first),
@@ -122,7 +124,7 @@ def describe_run(run_dir: Path, recipe: config.Recipe, summary: dict, seed: int)
     ids = common.text_ids(saved.data, "valid", tokenizer, 16 * (50 + length + 1))
     torch.manual_seed(seed)
     decay = flow.profile(model, flow.windows(ids, 16, 50, length), 50, 1000.0)
-    return {"hidden_size": saved.model.hidden_size, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"hidden_size": saved.model.hidden_size, "vocab_size": saved.model.vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
             "steps": summary["steps"], "minutes": summary["elapsed_seconds"] / 60,
             "tokens_per_s": summary["tokens_per_s"], "train_step_tokens_per_s": summary["train_step_tokens_per_s"],
             "best_valid_loss": best, "best_valid_perplexity": math.exp(min(best, 700)),
@@ -141,7 +143,7 @@ def step_speed(runs: dict[str, config.Recipe], rounds: int = 5, steps: int = 5) 
     models, times = {}, {}
     for cell, recipe in runs.items():
         cfg = recipe.train
-        vocab = recipe.model.vocab_size or 10000
+        vocab = recipe.model.vocab_size
         torch.manual_seed(recipe.train.seed)
         model = RNNLM(config.replace(recipe, model={"vocab_size": vocab}).model)
         batch = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1))

@@ -17,6 +17,7 @@ import torch
 
 from neurallm import config
 from neurallm.diagnostics import common
+from neurallm.errors import NlmError
 
 
 def run(model, batches, steps: int, lr: float, clip: float) -> dict:
@@ -51,6 +52,12 @@ def summarise(record: dict) -> dict:
 
 
 def command(args) -> tuple[dict, list[str]]:
+    if not args.clip > 0:
+        raise NlmError(f"--clip: {args.clip} (expected a norm > 0: the clipped runs' bound)")
+    if not (args.scale > 0 and args.scale != 1):
+        raise NlmError(f"--scale: {args.scale} (expected a positive factor other than 1)")
+    if not args.lr > 0:
+        raise NlmError(f"--lr: {args.lr} (expected a positive rate)")
     out = common.out_dir(args, "explode")
     cell = common.cell_name(args.cell)
     recipe = common.model_recipe(args.data, cell, args.layers, args.hidden, args.emb, args.connection)

@@ -151,6 +151,8 @@ def bound_distance(sigma: float, factor: float) -> float | None:
 def gradients(args) -> tuple[dict, list[str]]:
     from neurallm import config
 
+    if not args.factor > 1:
+        raise NlmError(f"--factor: {args.factor} (expected a number > 1: how many times the gradient has fallen)")
     torch.manual_seed(args.seed)
     out = common.out_dir(args, "gradients")
     if args.checkpoint:
@@ -174,8 +176,10 @@ def gradients(args) -> tuple[dict, list[str]]:
         figures = profile(model, rows, args.warmup, args.factor)
         figures["recurrent"] = recurrent_spectrum(model)
         if recipe.model.cell.startswith("rnn"):
-            for layer, spectrum in zip(figures["layers"], figures["recurrent"]):
-                layer["bound_distance"] = bound_distance(spectrum["W_hh"]["singular_values"][0], args.factor)
+            # The top layer's gradient flows back through its own W_hh alone; a lower layer's also goes up
+            # into the next layer and back along it, so the bound is the top layer's only.
+            top, spectrum = figures["layers"][-1], figures["recurrent"][-1]
+            top["bound_distance"] = bound_distance(spectrum["W_hh"]["singular_values"][0], args.factor)
         result["models"][name] = figures
     result["decay_distance"] = result["models"]["trained" if args.checkpoint else "initial"]["decay_distance"]
     lines = gradient_lines(result)
@@ -202,7 +206,7 @@ def gradient_lines(result: dict) -> list[str]:
             top = max(spectrum.values(), key=lambda b: b["singular_values"][0])
             rate = layer["rate_per_step"]
             lines.append(f"{name:<9} {i:<7} {_distance(layer['decay_distance'], length):>12} "
-                         f"{rate if rate is None else format(rate, '.3f'):>9} {layer['curve'][0]:>11.3g} "
+                         f"{'' if rate is None else format(rate, '.3f'):>9} {layer['curve'][0]:>11.3g} "
                          f"{top['singular_values'][0]:>12.3f} {top['spectral_radius']:>8.3f}")
             if layer.get("bound_distance") is not None:
                 lines.append(f"{'':<17} bound from σ_max: the gradient must fall 1e{math.log10(result['factor']):g} "

@@ -46,9 +46,11 @@ def _weights(out):
     return load_file(str(out / "resume" / "tensors.safetensors"))
 
 
-def test_resume_continues_exactly(word_corpus, tmp_path):
-    # ~20 windows per epoch: 50 steps cross two epoch ends, with dropout drawing random numbers.
-    extra = ["--train.schedule=plateau", "--model.dropout=0.3", "--model.dropout_emb=0.1"]
+@pytest.mark.parametrize("more", [[], ["--train.valid_every=4", "--train.on_divergence=recover"]])
+def test_resume_continues_exactly(word_corpus, tmp_path, more):
+    # ~20 windows per epoch: 50 steps cross two epoch ends, with dropout drawing random numbers; validations
+    # within an epoch and the first snapshot of a recovering run change nothing either.
+    extra = ["--train.schedule=plateau", "--model.dropout=0.3", "--model.dropout_emb=0.1", *more]
     whole = tmp_path / "whole"
     train(recipe(word_corpus, "--train.max_steps=50", *extra), whole, show_progress=False)
     split = tmp_path / "split"
@@ -61,6 +63,10 @@ def test_resume_continues_exactly(word_corpus, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert _train_losses(whole) == _train_losses(split)
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 and r["grad_norm_max"] >= r["grad_norm"] for r in records if "train_loss" in r)
+    if more:
+        assert [r["step"] for r in records if "valid_loss" in r][:3] == [4, 8, 12]
 
 
 def test_same_seed_same_run_other_seed_other_run(word_corpus, tmp_path):

@@ -39,12 +39,9 @@ def unroll(model, ids: torch.Tensor, state: torch.Tensor | None = None):
     for t in range(ids.size(1)):
         below = [x[:, t]]
         for i, layer in enumerate(stack.layers):
-            inp = torch.cat(below, dim=1) if stack.connection == "dense" else below[-1]
+            inp = stack.layer_input(below)
             layer_states[i] = cells.step(stack.cell, inp, layer_states[i], layer.weights(0))
-            out = layer_states[i][0]
-            if stack.joins[i]:
-                out = out + inp if stack.connection == "residual" else stack.highways[i](out, inp)
-            below.append(out)
+            below.append(stack.join(i, layer_states[i][0], inp))
         features.append(model.proj(below[-1]) if model.proj is not None else below[-1])
         states.append(list(layer_states))
     return torch.stack(features, dim=1), states

@@ -49,14 +49,11 @@ def trace(model, ids: torch.Tensor, state: torch.Tensor | None = None):
     state = model.init_state(ids.size(0)) if state is None else state
     below, records, finals = [model.embed(ids)], [], []
     for i, layer in enumerate(stack.layers):
-        inp = torch.cat(below, dim=2) if stack.connection == "dense" else below[-1]
+        inp = stack.layer_input(below)
         record, final = trace_layer(stack.cell, layer.weights(0), inp, state[i, :, 0])
-        out = record["h"]
-        if stack.joins[i]:
-            out = out + inp if stack.connection == "residual" else stack.highways[i](out, inp)
         records.append(record)
         finals.append(final.unsqueeze(1))  # (parts, 1 direction, batch, hidden)
-        below.append(out)
+        below.append(stack.join(i, record["h"], inp))
     return records, torch.stack(finals)
 
 

@@ -214,6 +214,16 @@ class RecurrentStack(nn.Module):
         return torch.zeros(self.num_layers, self.parts, self.directions, batch, self.hidden_size,
                            device=device, dtype=dtype)
 
+    def layer_input(self, below: list[torch.Tensor]) -> torch.Tensor:
+        """What the next layer reads, from the stack's input and the outputs of the layers so far."""
+        return torch.cat(below, dim=-1) if self.connection == "dense" else below[-1]
+
+    def join(self, i: int, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        """Layer i's output joined with its input by the residual or highway connection (where sizes agree)."""
+        if not self.joins[i]:
+            return out
+        return out + inp if self.connection == "residual" else self.highways[i](out, inp)
+
     def forward(self, x, state=None, reference: bool = False, lengths=None):
         """x (batch, time, input) -> (batch, time, dirs * hidden), state (layers, parts, dirs, batch, hidden).
         ``lengths`` (batch,): rows padded past their length (sentences), read to their own ends."""
@@ -221,11 +231,10 @@ class RecurrentStack(nn.Module):
             state = self.init_state(x.size(0), x.device, x.dtype)
         finals, below = [], [x]
         for i, layer in enumerate(self.layers):
-            inp = torch.cat(below, dim=2) if self.connection == "dense" else below[-1]
+            inp = self.layer_input(below)
             padded = {} if lengths is None else {"lengths": lengths}  # (a quantized layer reads whole rows only)
             out, final = layer(inp, state[i], reference=reference, weight_drop=self.weight_drop, **padded)
-            if self.joins[i]:
-                out = out + inp if self.connection == "residual" else self.highways[i](out, inp)
+            out = self.join(i, out, inp)
             if i < self.num_layers - 1:
                 out = dropout(out, self.dropout_hidden, self.training, self.locked)
             finals.append(final)

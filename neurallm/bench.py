@@ -128,7 +128,7 @@ def bench_variants(source, variants: list[str], tokens: int = 200, eval_tokens: 
             one, many = _generate_bench(directory, 1, tokens), _generate_bench(directory, 32, max(tokens // 4, 2))
             rows.append({"variant": variant, "kind": runner.kind, "tokens_per_s_batch1": one["tokens_per_s"],
                          "tokens_per_s_batch32": many["tokens_per_s"], "first_token_ms": one["first_token_ms"],
-                         "perplexity": math.exp(nll), "bpc": nll / math.log(2) if tokenizer.kind == "char" else None,
+                         "perplexity": math.exp(nll), "bpc": nll / math.log(2) if tokenizer.symbol_level else None,
                          "bytes": weight_bytes(directory), "peak_rss_mb": one["peak_rss_mb"],
                          "bandwidth_gb_s": one["bandwidth_gb_s"]})
             progress(f"{variant}: {one['tokens_per_s']:.0f} tokens/s at batch 1")

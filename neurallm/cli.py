@@ -125,16 +125,80 @@ def cmd_eval(args, _) -> int:
     from neurallm import checkpoint
     from neurallm.evaluate import evaluate
 
+    if args.dynamic:
+        return _eval_dynamic(args)
     model, recipe, tokenizer = checkpoint.open_runner(args.checkpoint, device=args.device)
     ids, counts, source = _tokens_of(args, tokenizer, recipe)
     if not ids:
         raise NlmError(f"{source}: no tokens to evaluate")
     result = {**evaluate(model, tokenizer, ids, batch_size=args.batch_size, bptt=args.bptt), **counts}
     result["source"] = source
-    metric = (f"bpc {result['bpc']:.4f}" if "bpc" in result else f"perplexity {result['perplexity']:.2f}")
-    _emit(result, args.json, [f"{source}: {metric} (nll {result['nll']:.4f} nats/token) over {result['tokens']} "
-                              f"tokens, {result['tokens_per_s']:.0f} tokens/s{_vocabulary_note(result)}"])
+    _emit(result, args.json, [f"{source}: {_metric(result)} (nll {result['nll']:.4f} nats/token) over "
+                              f"{result['tokens']} tokens, {result['tokens_per_s']:.0f} tokens/s{_vocabulary_note(result)}"])
     return 0
+
+
+def _metric(result: dict) -> str:
+    return f"bpc {result['bpc']:.4f}" if "bpc" in result else f"perplexity {result['perplexity']:.2f}"
+
+
+def _eval_dynamic(args) -> int:
+    """--dynamic: the static score and the adapted one side by side, on the same tokens."""
+    from neurallm import checkpoint
+    from neurallm.evaluate import dynamic_evaluate, evaluate
+
+    if args.batch_size != 1:
+        raise NlmError("--dynamic reads the text as one stream (--batch-size 1)")
+    if "quantization" in checkpoint.describe(args.checkpoint)[1]:
+        raise NlmError(f"{args.checkpoint}: --dynamic adapts float weights; give the checkpoint it was quantized from")
+    model, recipe, tokenizer = checkpoint.load(args.checkpoint, device=args.device)
+    ids, counts, source = _tokens_of(args, tokenizer, recipe)
+    if not ids:
+        raise NlmError(f"{source}: no tokens to evaluate")
+    static = evaluate(model, tokenizer, ids, batch_size=1, bptt=args.bptt)
+    dynamic = dynamic_evaluate(model, tokenizer, ids, args.dynamic_lr, args.dynamic_decay, args.dynamic_bptt,
+                               progress=not args.json and sys.stderr.isatty())
+    gain = 1 - dynamic["perplexity"] / static["perplexity"]
+    result = {**dynamic, **counts, "source": source, "static": static, "perplexity_reduction": gain}
+    _emit(result, args.json, [f"{source}: static {_metric(static)}, dynamic {_metric(dynamic)} "
+                              f"({100 * gain:.1f}% lower perplexity; lr {args.dynamic_lr}, decay {args.dynamic_decay}, "
+                              f"segments of {args.dynamic_bptt}) over {dynamic['tokens']} tokens; "
+                              f"{static['seconds']:.1f} s static, {dynamic['seconds']:.1f} s dynamic"])
+    return 0
+
+
+def cmd_compress(args, _) -> int:
+    from dataclasses import fields
+
+    from neurallm.compress.files import compress_file
+    from neurallm.compress.model import Settings
+
+    chosen = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
+    if args.model is None and not args.adapt:
+        raise NlmError("--no-adapt goes with --model (without a prior, the model has only what it learns)")
+    if args.model is not None and (args.hidden or args.layers):
+        raise NlmError("--hidden and --layers size a fresh model; with --model its own sizes hold")
+    settings = Settings(**chosen)
+    result = compress_file(args.input, args.output, settings, args.model, args.force, args.threads,
+                           progress=not args.no_progress and sys.stderr.isatty())
+    _emit(result, args.json, [_size_line(result, "compressed")])
+    return 0
+
+
+def cmd_decompress(args, _) -> int:
+    from neurallm.compress.files import decompress_file
+
+    result = decompress_file(args.input, args.output, args.model, args.force,
+                             progress=not args.no_progress and sys.stderr.isatty(), ignore_platform=args.ignore_platform)
+    _emit(result, args.json, [_size_line(result, "decompressed")])
+    return 0
+
+
+def _size_line(r: dict, done: str) -> str:
+    bpb = f"{r['bits_per_byte']:.3f} bits per byte" if r["bits_per_byte"] is not None else "an empty input"
+    speed = f", {r['bytes_per_s'] / 1e3:.1f} kB/s" if r["bytes_per_s"] else ""
+    return (f"{r['input']} -> {r['output']}: {done}; original {r['original_bytes']:,} bytes, compressed "
+            f"{r['compressed_bytes']:,} bytes, {bpb}, {r['seconds']:.1f} s{speed}")
 
 
 def cmd_generate(args, _) -> int:
@@ -345,6 +409,13 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: expected a number > 0")
+    return value
+
+
 def nonnegative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -408,8 +479,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=1, help="rows read in parallel (1: exact sequential score)")
     p.add_argument("--bptt", type=positive, default=70)
     _add_unknown_arg(p)
+    p.add_argument("--dynamic", action="store_true",
+                   help="dynamic evaluation (Krause et al. 2018): learn from each segment after scoring it; "
+                        "reports the static score beside it")
+    p.add_argument("--dynamic.lr", dest="dynamic_lr", type=positive_float, default=1.0,
+                   help="step size of the update after each segment (SGD)")
+    p.add_argument("--dynamic.decay", dest="dynamic_decay", type=float, default=0.0,
+                   help="pull back to the trained weights after each update (0: none)")
+    p.add_argument("--dynamic.bptt", dest="dynamic_bptt", type=positive, default=20, help="tokens per segment")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = verb("compress", help="compress any file with a byte-level model that learns as it reads (or --model)",
+             epilog="The decompressing machine must run the same torch version on the same kind of CPU "
+                    "(both are written into the file and checked).")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--model", help="a byte-level checkpoint (nlm train --data.tokenizer=byte) to start from; "
+                                   "decompressing then needs the same one")
+    p.add_argument("--no-adapt", dest="adapt", action="store_false",
+                   help="with --model: keep its weights as they are (faster; the n-gram counts still adapt)")
+    p.add_argument("--segments", type=positive, help="parts of the file coded side by side as one batch (default 64)")
+    p.add_argument("--hidden", type=positive, help="LSTM units of a fresh model (default 128)")
+    p.add_argument("--layers", type=positive, help="layers of a fresh model (default 1)")
+    p.add_argument("--lr", type=positive_float, help="Adam's step size while it learns")
+    p.add_argument("--window", type=positive, help="bytes of each segment between two updates")
+    p.add_argument("--learn-every", dest="learn_every", type=positive,
+                   help="learn from every n-th segment of each window (faster, default 1: all)")
+    p.add_argument("--seed", type=nonnegative, help="the fresh model's initial weights")
+    p.add_argument("--threads", type=positive, default=1, help="torch threads (decompression uses the same)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object: sizes, bits per byte, time, speed")
+    p.set_defaults(func=cmd_compress)
+
+    p = verb("decompress", help="restore a file written by nlm compress (its CRC-32 checked)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--model", help="the prior model the file was compressed with, if any")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--ignore-platform", action="store_true",
+                   help="try even where torch or the CPU kind differs from the compressing machine's")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_decompress)
 
     p = verb("generate", help="stream sampled text")
     _add_model_args(p)

@@ -30,7 +30,7 @@ def _check(ok: bool, key: str, value, expected: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     corpus: str = "ptb"
-    tokenizer: str = "word"  # word | char | bpe
+    tokenizer: str = "word"  # word | char | byte | bpe
     bpe_vocab_size: int = 8000
     # Word vocabulary: the max_vocab most frequent words seen at least min_freq times in the
     # training split; every other word is <unk> in training too, so <unk> gets a real probability.
@@ -41,7 +41,8 @@ class DataConfig:
     reverse: bool = False
 
     def __post_init__(self):
-        _check(self.tokenizer in ("word", "char", "bpe"), "data.tokenizer", self.tokenizer, "word, char or bpe")
+        _check(self.tokenizer in ("word", "char", "byte", "bpe"), "data.tokenizer", self.tokenizer,
+               "word, char, byte or bpe")
         _check(self.bpe_vocab_size >= 260, "data.bpe_vocab_size", self.bpe_vocab_size, "an integer >= 260")
         _check(self.max_vocab == 0 or self.max_vocab >= 3, "data.max_vocab", self.max_vocab,
                "0 (no cap) or an integer >= 3: <eos>, <unk> and a word")

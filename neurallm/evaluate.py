@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -99,7 +100,7 @@ def evaluate(model, tokenizer, ids: list[int], batch_size: int = 1, bptt: int = 
     mean = nll.double().mean().item()
     result = {"nll": mean, "perplexity": math.exp(min(mean, 700)), "tokens": nll.numel(),
               "seconds": seconds, "tokens_per_s": nll.numel() / max(seconds, 1e-9)}
-    if tokenizer.kind == "char":
+    if tokenizer.symbol_level:
         result["bpc"] = mean / math.log(2)
     return result
 
@@ -114,3 +115,61 @@ def score(model, tokenizer, text: str, bptt: int = 70, source: str = "text", unk
     total = sum(logprobs)
     return {"tokens": tokens, "total_logprob": total, "mean_logprob": total / len(tokens), "count": len(tokens),
             **counts}
+
+
+def dynamic_evaluate(model, tokenizer, ids: list[int], lr: float, decay: float = 0.0, bptt: int = 20,
+                     progress: bool = False) -> dict:
+    """Dynamic evaluation (Krause et al. 2018): the stream is read once, in segments of ``bptt``
+    tokens, each scored first and then learned from with one gradient step,
+        θ ← θ − lr · ∇ℓ(segment) + decay · (θ₀ − θ)
+    (their SGD rule with a pull back to the trained weights θ₀), so that the model adapts to
+    the text it reads (a name, a topic seen once is likelier again). Every token is still
+    scored before the model has learned from it. The model's weights change; dropout stays off."""
+    from torch.nn.utils import parameters_to_vector
+
+    if not ids:
+        raise NlmError("no tokens to evaluate")
+    if lr <= 0 or not 0 <= decay < 1:
+        raise NlmError(f"--dynamic.lr {lr} / --dynamic.decay {decay}: expected lr > 0 and 0 <= decay < 1")
+    params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    if type(model.decoder) not in (torch.nn.Linear, torch.nn.AdaptiveLogSoftmaxWithLoss):
+        raise NlmError("--dynamic adapts a float model's weights: give the float checkpoint, not a quantized one")
+    start_weights = parameters_to_vector(params).detach().clone()
+    data = with_boundary(tokenizer, ids).unsqueeze(0).to(next(model.parameters()).device)
+    model.eval()
+    state = model.init_state(1)
+    total, count = 0.0, 0
+    windows = num_windows(data, bptt)
+    bar = _bar(windows, progress)
+    start = time.perf_counter()
+    for i in range(windows):
+        x, y = window(data, i, bptt)
+        with torch.enable_grad():
+            features, state = model(x, state.detach())
+            nll = model.loss(features, y, reduction="none")
+            model.zero_grad(set_to_none=True)
+            nll.mean().backward()
+        total += nll.detach().double().sum().item()
+        count += nll.numel()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
+            if decay:
+                current = parameters_to_vector(params)
+                torch.nn.utils.vector_to_parameters(current + decay * (start_weights - current), params)
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    mean = total / count
+    result = {"nll": mean, "perplexity": math.exp(min(mean, 700)), "tokens": count, "seconds": seconds,
+              "tokens_per_s": count / max(seconds, 1e-9), "dynamic": {"lr": lr, "decay": decay, "bptt": bptt}}
+    if tokenizer.symbol_level:
+        result["bpc"] = mean / math.log(2)
+    return result
+
+
+def _bar(total: int, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="seg", disable=not show, leave=False, file=sys.stderr)

@@ -113,7 +113,7 @@ class LanguageModelling(fit.Task):
             dist.all_reduce(total)  # every process then holds the same figure, bit for bit
         loss = (total[0] / total[1]).item()
         record = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700))}
-        if self.tokenizer.kind == "char":
+        if self.tokenizer.symbol_level:
             record["valid_bpc"] = loss / math.log(2)
         return loss, record
 
@@ -135,7 +135,7 @@ class LanguageModelling(fit.Task):
     def summary(self, progress: Progress) -> dict:
         loss = progress.valid_loss
         out = {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 700)), "best_valid_loss": progress.best_valid}
-        if self.tokenizer.kind == "char":
+        if self.tokenizer.symbol_level:
             out["valid_bpc"] = loss / math.log(2)
         return out
 

@@ -1,4 +1,4 @@
-"""Tokenizers: character, word (Mikolov's PTB convention) and byte-level BPE.
+"""Tokenizers: character, byte, word (Mikolov's PTB convention) and byte-level BPE.
 
 Each has ``encode(text) -> list[int]``, ``decode(ids) -> str``, a ``boundary`` id that
 starts every scored stream (so the first real token is predicted too), a streaming
@@ -15,6 +15,7 @@ from neurallm.errors import NlmError
 
 class CharTokenizer:
     kind = "char"
+    symbol_level = True  # scored in bits per character
 
     def __init__(self, chars: list[str]):
         self.vocab = list(chars)
@@ -49,10 +50,44 @@ class CharTokenizer:
         return {"type": self.kind, "vocab": self.vocab}
 
 
+class ByteTokenizer:
+    """The 256 byte values of the text's UTF-8 encoding: every text, and every file, is in the
+    vocabulary (what ``nlm compress`` takes as a prior). The boundary is the newline byte."""
+
+    kind = "byte"
+    symbol_level = True  # scored in bits per byte
+    vocab_size = 256
+    boundary = 10
+
+    @classmethod
+    def train(cls, text: str = "") -> "ByteTokenizer":
+        return cls()
+
+    def encode(self, text: str, source: str = "text") -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def token(self, i: int) -> str:
+        return bytes([i]).decode("latin-1") if i < 128 else f"<0x{i:02X}>"
+
+    def stream(self, after: str = ""):
+        """Emit text only once its bytes form whole UTF-8 characters (a broken sequence reads as U+FFFD)."""
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda i: decoder.decode(bytes([i]))
+
+    def to_json(self) -> dict:
+        return {"type": self.kind}
+
+
 class WordTokenizer:
     """Whitespace words, one ``<eos>`` per line end; unknown words become ``<unk>``."""
 
     kind = "word"
+    symbol_level = False
     EOS, UNK = "<eos>", "<unk>"
 
     def __init__(self, words: list[str]):
@@ -110,6 +145,7 @@ class BPETokenizer:
     """Byte-level BPE trained with the ``tokenizers`` library; lossless on any UTF-8 text."""
 
     kind = "bpe"
+    symbol_level = False
     EOT = "<|endoftext|>"
 
     def __init__(self, backend):
@@ -157,7 +193,7 @@ class BPETokenizer:
         return {"type": self.kind, "tokenizer": json.loads(self.backend.to_str())}
 
 
-KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
+KINDS = {"char": CharTokenizer, "byte": ByteTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
 
 
 def train(kind: str, text: str, bpe_vocab_size: int = 8000, max_vocab: int = 0, min_freq: int = 1):
@@ -166,19 +202,19 @@ def train(kind: str, text: str, bpe_vocab_size: int = 8000, max_vocab: int = 0, 
         return WordTokenizer.train(text, max_vocab, min_freq)
     if kind == "bpe":
         return BPETokenizer.train(text, bpe_vocab_size)
-    return CharTokenizer.train(text)
+    return KINDS[kind].train(text)
 
 
 def from_json(data: dict, source: str = "tokenizer.json"):
     kind = data.get("type") if isinstance(data, dict) else None
     if kind not in KINDS:
-        raise NlmError(f"{source}: unknown tokenizer type {kind!r} (expected char, word or bpe)")
+        raise NlmError(f"{source}: unknown tokenizer type {kind!r} (expected char, byte, word or bpe)")
     try:
         if kind == "bpe":
             from tokenizers import Tokenizer
 
             return BPETokenizer(Tokenizer.from_str(json.dumps(data["tokenizer"])))
-        return KINDS[kind](data["vocab"])
+        return ByteTokenizer() if kind == "byte" else KINDS[kind](data["vocab"])
     except Exception as e:  # KeyError, TypeError, or the tokenizers library's own error
         raise NlmError(f"{source}: malformed {kind} tokenizer ({e})") from None
 

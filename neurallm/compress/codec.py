@@ -43,22 +43,23 @@ def threads_set(n: int):
         torch.set_num_threads(old)
 
 
-def _predictor(settings: Settings, batch: int, prior) -> Predictor:
+def _predictor(settings: Settings, lengths: list[int], prior) -> Predictor:
+    batch, longest = len(lengths), max(lengths, default=0)
     if prior is None:
-        return Predictor(fresh_lm(settings), settings, batch, prior=False)
+        return Predictor(fresh_lm(settings), settings, batch, prior=False, length=longest)
     lm, tokenizer, name = prior
     check_prior(lm, tokenizer, name)
     torch.manual_seed(settings.seed)
-    return Predictor(copy.deepcopy(lm), settings, batch, prior=True)  # it learns: the caller's model stays as it was
+    return Predictor(copy.deepcopy(lm), settings, batch, prior=True, length=longest)  # it learns: the caller's model stays as it was
 
 
 def _columns(data: bytes, lengths: list[int]) -> torch.Tensor:
-    """The segments as rows (segments, longest), the short ones padded with START."""
-    rows = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.long)
+    """The segments as rows (segments, longest) of bytes, the short ones padded with START."""
+    rows = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.uint8)
     start = 0
     for i, n in enumerate(lengths):
         if n:
-            rows[i, :n] = torch.frombuffer(bytearray(data[start:start + n]), dtype=torch.uint8).long()
+            rows[i, :n] = torch.frombuffer(bytearray(data[start:start + n]), dtype=torch.uint8)
         start += n
     return rows
 
@@ -71,11 +72,11 @@ def compress(data: bytes, settings: Settings, prior=None, threads: int = 1, prog
     prior_id = None if prior is None else {"hash": _hash(prior[0]), "name": prior[2]}
     encoders = [coder.Encoder() for _ in lengths]
     with threads_set(threads):
-        predictor = _predictor(settings, len(lengths), prior)
+        predictor = _predictor(settings, lengths, prior)
         last = torch.full((len(lengths),), START, dtype=torch.long)
         for t in range(rows.size(1)):
             cum = coder.frequencies(predictor.step(last))
-            symbols = rows[:, t]
+            symbols = rows[:, t].long()
             bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
             totals = cum[:, -1].tolist()
             for i, enc in enumerate(encoders):
@@ -102,9 +103,9 @@ def decompress(blob: bytes, source: str, prior=None, progress=None, ignore_platf
     _check_platform(header, source, ignore_platform)
     lengths = header.segments
     decoders = [coder.Decoder(p, source) for p in payloads]
-    out = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.long)
+    out = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.uint8)
     with threads_set(int(header.platform.get("threads", 1))):
-        predictor = _predictor(settings, len(lengths), prior) if lengths else None
+        predictor = _predictor(settings, lengths, prior) if lengths else None
         last = torch.full((len(lengths),), START, dtype=torch.long)
         for t in range(out.size(1)):
             cum = coder.frequencies(predictor.step(last))
@@ -123,7 +124,7 @@ def decompress(blob: bytes, source: str, prior=None, progress=None, ignore_platf
             last = symbols
             if progress:
                 progress(sum(t < n for n in lengths))
-    data = b"".join(out[i, :n].to(torch.uint8).numpy().tobytes() for i, n in enumerate(lengths))
+    data = b"".join(out[i, :n].numpy().tobytes() for i, n in enumerate(lengths))
     if crc32(data) != header.crc32 or len(data) != header.length:
         hint = "" if header.platform == platform(header.platform.get("threads", 1)) else \
             " (it was written on another platform; see the README on what must match)"

@@ -25,11 +25,13 @@ SCALE = MAX_TOTAL - 256 * 2  # probability mass spread over the frequencies; eve
 
 
 def frequencies(probs: torch.Tensor) -> torch.Tensor:
-    """probs (batch, symbols) float -> cumulative integer frequencies (batch, symbols + 1), int64,
+    """probs (batch, symbols) float32 -> cumulative integer frequencies (batch, symbols + 1), int64,
     starting at 0; every symbol gets at least 1 (so any byte can still be coded), the total stays
-    below ``MAX_TOTAL``. The same float probabilities give the same integers on every machine."""
-    freq = (probs.double() * SCALE).floor_().long().clamp_(min=0) + 1
-    return torch.nn.functional.pad(freq.cumsum(1), (1, 0))
+    below ``MAX_TOTAL``. Exact float32 arithmetic on integers below 2**24: the same probabilities
+    give the same integers on every machine."""
+    cum = torch.zeros(probs.size(0), probs.size(1) + 1)
+    torch.cumsum((probs * SCALE).floor_().add_(1), 1, out=cum[:, 1:])
+    return cum.long()
 
 
 class Encoder:

@@ -61,6 +61,13 @@ def unpack(blob: bytes, source: str) -> tuple[Header, list[bytes]]:
         segments, payloads = [int(n) for n in header.segments], [int(n) for n in header.payloads]
         if len(segments) != len(payloads) or sum(segments) != header.length or min(segments + payloads, default=0) < 0:
             raise ValueError("segment sizes do not add up")
+        if not isinstance(header.settings, dict) or not isinstance(header.platform, dict):
+            raise ValueError("settings and platform must be objects")
+        threads = header.platform.get("threads")
+        if not isinstance(threads, int) or not 1 <= threads <= 1024:
+            raise ValueError(f"thread count {threads!r}")
+        if header.prior is not None and not (isinstance(header.prior, dict) and isinstance(header.prior.get("hash"), str)):
+            raise ValueError("prior must be null or name a weight hash")
     except (ValueError, TypeError) as e:
         raise NlmError(f"{source}: malformed header ({e})") from None
     start, parts = end + 4, []

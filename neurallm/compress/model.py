@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,7 @@ class Settings:
     layers: int = 1
     emb: int = 32
     orders: tuple[int, ...] = (1, 2, 3, 4, 6)
+    match: bool = True  # a match model beside the counts
     buckets: int = 1 << 16  # rows of each hashed count table (orders above 2)
     alpha: float = 0.05  # additive smoothing of the counts
     lr: float = 3e-3
@@ -94,18 +97,27 @@ def check_prior(lm: RNNLM, tokenizer, source: str) -> None:
 
 class Counts:
     """Adaptive n-gram counts for orders k: how often each byte followed the last k bytes, one row
-    per context, all orders in one table so that one gather serves a step: (rows, 257) float32,
-    the last column each row's total. A context of k <= 2 bytes has its own row; longer ones
-    share ``buckets`` rows by their value modulo a prime (a hash that needs no multiplication,
-    so nothing overflows 64 bits)."""
+    per context, all orders in one table so that one gather serves a step. A context of k <= 2
+    bytes has its own row; longer ones share ``buckets`` rows by their value modulo a prime (a hash
+    that needs no multiplication, so nothing overflows 64 bits).
 
-    def __init__(self, orders, buckets: int, alpha: float, batch: int):
+    The table holds log(count + alpha), not the count, and ``norm`` each row's log(total + 256 alpha):
+    a step reads log-probabilities with one subtraction instead of a logarithm of every entry (the
+    costliest part of a step otherwise). A count is recovered exactly as round(exp(entry) - alpha)
+    when it changes (counts stay far below where float32 would blur them). Rows of fixed
+    log-probabilities (``extra``, norm 0) may follow the counts', so that one gather reads both."""
+
+    def __init__(self, orders, buckets: int, alpha: float, batch: int, extra: torch.Tensor | None = None):
         self.alpha = alpha
         sizes = [SYMBOLS ** k if k <= 2 else buckets for k in orders]
         self.offsets = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))])
         self.masks = torch.tensor([(1 << (8 * k)) - 1 for k in orders])
         self.moduli = torch.tensor([SYMBOLS ** k if k <= 2 else _prime_below(buckets) for k in orders])
-        self.table = torch.zeros(sum(sizes), SYMBOLS + 1)
+        self.extra_start = sum(sizes)
+        extra = torch.empty(0, SYMBOLS) if extra is None else extra
+        self.logs = torch.cat((torch.full((sum(sizes), SYMBOLS), math.log(alpha)), extra))
+        self.totals = torch.zeros(self.logs.size(0))
+        self.norm = torch.cat((torch.full((sum(sizes),), math.log(SYMBOLS * alpha)), torch.zeros(extra.size(0))))
         self.history = torch.full((batch, 1), START, dtype=torch.long)  # each segment's last 7 bytes, newest lowest
         self.rows = self._rows()
 
@@ -113,29 +125,77 @@ class Counts:
         """(batch, orders) rows of the current contexts."""
         return (self.history & self.masks) % self.moduli + self.offsets
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> log-probabilities (batch, orders, 256) and log(1 + total) (batch, orders) of the next byte."""
-        batch, orders = self.rows.shape
-        rows = self.table.index_select(0, self.rows.view(-1))
-        totals = rows[:, SYMBOLS:]
-        logp = (rows[:, :SYMBOLS] + self.alpha).log_().sub_((totals + SYMBOLS * self.alpha).log_())
-        return logp.view(batch, orders, SYMBOLS), totals.log1p().view(batch, orders)
+    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows (batch, n) -> their log-probabilities (batch, n, 256) and log(1 + total) (batch, n)."""
+        flat = rows.view(-1)
+        logp = self.logs.index_select(0, flat).view(*rows.shape, SYMBOLS)
+        logp.sub_(self.norm.index_select(0, flat).view(*rows.shape, 1))
+        return logp, self.totals.index_select(0, flat).log1p_().view(rows.shape)
 
     def add(self, symbols: torch.Tensor) -> None:
-        """symbols (batch,): count them in their contexts (and the contexts' totals), then move every
-        context on by one byte. A context whose total passes ROW_LIMIT has its counts halved, so that
-        recent bytes weigh more (PAQ's habit)."""
-        width = SYMBOLS + 1
-        base = self.rows * width
-        cells = torch.cat(((base + symbols.unsqueeze(1)).view(-1), (base + SYMBOLS).view(-1)))
-        self.table.view(-1).index_put_((cells,), torch.ones(cells.numel()), accumulate=True)
-        totals = self.table.view(-1).index_select(0, cells[cells.numel() // 2:])
-        if bool((totals > ROW_LIMIT).any()):
-            full = self.rows.view(-1)[totals > ROW_LIMIT].unique()
-            halved = self.table[full, :SYMBOLS].mul_(0.5).floor_()
-            self.table[full] = torch.cat((halved, halved.sum(1, keepdim=True)), 1)
+        """symbols (batch,): count them in their contexts, then move every context on by one byte. A
+        context whose total passes ROW_LIMIT has its counts halved, so that recent bytes weigh more
+        (PAQ's habit)."""
+        flat = self.rows.view(-1)
+        cells, hits = torch.unique((self.rows * SYMBOLS + symbols.unsqueeze(1)).view(-1), return_counts=True)
+        logs = self.logs.view(-1)
+        counts = logs.index_select(0, cells).exp_().sub_(self.alpha).round_().add_(hits)
+        logs.index_copy_(0, cells, counts.add_(self.alpha).log_())
+        self.totals.index_put_((flat,), torch.ones(flat.numel()), accumulate=True)
+        totals = self.totals.index_select(0, flat)
+        full = totals > ROW_LIMIT
+        if bool(full.any()):
+            rows = flat[full].unique()
+            halved = self.logs[rows].exp_().sub_(self.alpha).round_().mul_(0.5).floor_()
+            self.totals[rows] = halved.sum(1)
+            self.logs[rows] = halved.add_(self.alpha).log_()
+            totals = self.totals.index_select(0, flat)
+        self.norm.index_copy_(0, flat, totals.add_(SYMBOLS * self.alpha).log_())
         self.history = ((self.history << 8) | symbols.unsqueeze(1)) & ((1 << 56) - 1)
         self.rows = self._rows()
+
+
+class Match:
+    """The byte that followed the last time the current context (the last 7 bytes, hashed) occurred,
+    in any segment: the match model of PAQ and lstm-compress. The counts forget whole strings once
+    their rows fill; a match follows a repeat (a name, a heading, a phrase) for as long as it goes on.
+    Its opinion reaches the mixer as one more row of log-probabilities (``ROWS``: sure of one byte,
+    or none), with log(1 + the run of bytes it has predicted right) as its confidence. Every coded
+    byte is kept (interleaved: segment b's byte of step t at t * batch + b), so that a match can go
+    on past the step it was found in."""
+
+    SURE = 15 / 16  # the probability of the predicted byte before the mixer's weighting
+
+    def __init__(self, batch: int, length: int, bits: int = 20):
+        self.batch, self.t = batch, 0
+        self.buffer = torch.zeros(batch * (length + 1), dtype=torch.uint8)
+        self.prime = _prime_below(1 << bits)
+        self.last = torch.full((1 << bits,), -1, dtype=torch.long)  # hashed context -> where its next byte is
+        self.ptr = torch.full((batch,), -1, dtype=torch.long)  # where the predicted byte is; -1: no match
+        self.predicted = torch.full((batch,), SYMBOLS, dtype=torch.long)  # SYMBOLS: none
+        self.run = torch.zeros(batch)
+        self.places = torch.arange(batch)
+
+    @staticmethod
+    def rows() -> torch.Tensor:
+        """(257, 256) log-probabilities: row s sure of byte s, the last row uniform (no match)."""
+        sure = torch.full((SYMBOLS + 1, SYMBOLS), math.log((1 - Match.SURE) / (SYMBOLS - 1)))
+        sure.fill_diagonal_(math.log(Match.SURE))
+        sure[SYMBOLS] = -math.log(SYMBOLS)
+        return sure
+
+    def add(self, symbols: torch.Tensor, history: torch.Tensor) -> None:
+        """symbols (batch,) just coded; history (batch, 1): the contexts they end."""
+        hit = self.predicted == symbols
+        self.run = torch.where(hit, self.run + 1, 0.0)
+        here = self.t * self.batch
+        self.buffer[here:here + self.batch] = symbols
+        key = history.view(-1) % self.prime
+        self.ptr = torch.where(hit, self.ptr + self.batch, self.last.index_select(0, key))
+        # Several segments may end the same context at once: the latest place wins, as with one.
+        self.last.scatter_reduce_(0, key, self.places + here + self.batch, reduce="amax")
+        self.predicted = torch.where(self.ptr >= 0, self.buffer.index_select(0, self.ptr.clamp(min=0)).long(), SYMBOLS)
+        self.t += 1
 
 
 def _prime_below(n: int) -> int:
@@ -143,27 +203,41 @@ def _prime_below(n: int) -> int:
 
 
 class Predictor(nn.Module):
-    """The LM and the mixer over the counts, with a fast single-step path and a training step."""
+    """The LM and the mixer over the counts (and the match), with a fast single-step path and a
+    training step."""
 
-    def __init__(self, lm: RNNLM, settings: Settings, batch: int, prior: bool):
+    def __init__(self, lm: RNNLM, settings: Settings, batch: int, prior: bool, length: int = 0):
         super().__init__()
-        self.lm, self.settings = lm, settings
+        self.lm, self.settings, self.batch = lm, settings, batch
         width = lm.proj.out_features if lm.proj is not None else lm.stack.output_size
-        k = len(settings.orders)
+        k = len(settings.orders) + settings.match
         self.mix = nn.Linear(width + k, k)  # the weight of each order's log-probabilities
         nn.init.zeros_(self.mix.weight)
         # A fresh model starts from the counts alone (an even geometric mixture); a prior from itself.
         nn.init.constant_(self.mix.bias, 0.0 if prior else 1.0 / k)
-        self.counts = Counts(settings.orders, settings.buckets, settings.alpha, batch)
+        self.counts = Counts(settings.orders, settings.buckets, settings.alpha, batch,
+                             Match.rows() if settings.match else None)
+        self.match = Match(batch, length) if settings.match else None
         self.learning = settings.adapt or not prior
         params = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=settings.lr) if self.learning else None
         self.state = lm.init_state(batch)  # (layers, parts, 1, batch, hidden)
         self._prepare()
-        self._window: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if self.learning:  # what a window keeps for its update, of the segments that learn from it
+            learners = len(range(0, batch, settings.learn_every))
+            self._inputs = torch.empty(settings.window, batch, dtype=torch.long)
+            self._logp = torch.empty(settings.window, learners, k, SYMBOLS)
+            self._confidence = torch.empty(settings.window, learners, k)
+        self._t, self._windows = 0, 0
+        self._learners = self._learning_rows()
         self._start_state = self.state
-        self._windows = 0
         self.eval()
+
+    def _learning_rows(self) -> torch.Tensor:
+        """The segments the current window's update learns from: every ``learn_every``-th, a different
+        share each window."""
+        every = self.settings.learn_every
+        return torch.arange(self._windows % every, self.batch, every)
 
     def _prepare(self) -> None:
         """Copies of the weights laid out for single steps: layer 0's input projection of every byte
@@ -196,31 +270,40 @@ class Predictor(nn.Module):
             below.append(out)
         features = below[-1] if self.lm.proj is None else self.lm.proj(below[-1])
         self.state = torch.stack(finals).unsqueeze(2)
-        logp, confidence = self.counts.read()
+        rows = self.counts.rows
+        if self.match is not None:
+            rows = torch.cat((rows, (self.match.predicted + self.counts.extra_start).unsqueeze(1)), 1)
+        logp, confidence = self.counts.read(rows)  # (batch, sources, 256), (batch, sources)
+        if self.match is not None:
+            confidence[:, -1] = self.match.run.log1p()
         weight_t, bias = self._mix
-        w = torch.addmm(bias, torch.cat((features, confidence), 1), weight_t)  # (batch, orders)
-        logits = torch.addmm(self._out[1], features, self._out[0]) + torch.bmm(w.unsqueeze(1), logp).squeeze(1)
+        w = torch.addmm(bias, torch.cat((features, confidence), 1), weight_t)  # (batch, sources)
+        logits = torch.baddbmm(torch.addmm(self._out[1], features, self._out[0]).unsqueeze(1), w.unsqueeze(1), logp)
         if self.learning:
-            self._window.append((symbols, logp, confidence))
-        return torch.softmax(logits, 1)
+            self._inputs[self._t] = symbols
+            torch.index_select(logp, 0, self._learners, out=self._logp[self._t])
+            torch.index_select(confidence, 0, self._learners, out=self._confidence[self._t])
+        return torch.softmax(logits[:, 0], 1)
 
     def seen(self, symbols: torch.Tensor) -> None:
         """symbols (batch,): the bytes just coded. Counted; after a full window, learned from."""
         self.counts.add(symbols)
-        if self.learning and len(self._window) == self.settings.window:
-            self._learn(symbols)
+        if self.match is not None:
+            self.match.add(symbols, self.counts.history)
+        self._t += 1
+        if self._t == self.settings.window:
+            if self.learning:
+                self._learn(symbols)
+            self._t = 0
 
     def _learn(self, last: torch.Tensor) -> None:
-        """One Adam step on the window just coded, from the state it started in, on every
-        ``learn_every``-th segment (a different share each window): the counts and the coder see
-        every byte, the gradient a sample of them, which saves most of an update's time."""
-        every = self.settings.learn_every
-        rows = torch.arange(self._windows % every, last.numel(), every)
-        self._windows += 1
-        inputs = torch.stack([w[0] for w in self._window], 1)[rows]  # (rows, window)
+        """One Adam step on the window just coded, from the state it started in, on the learning
+        segments: the counts and the coder see every byte, the gradient a share of them (which saves
+        most of an update's time)."""
+        rows = self._learners
+        inputs = self._inputs.T[rows]  # (learners, window)
         targets = torch.cat((inputs[:, 1:], last[rows].unsqueeze(1)), 1)
-        logp = torch.stack([w[1][rows] for w in self._window], 1)  # (rows, window, orders, 256)
-        confidence = torch.stack([w[2][rows] for w in self._window], 1)  # (rows, window, orders)
+        logp, confidence = self._logp.transpose(0, 1), self._confidence.transpose(0, 1)  # (learners, window, ...)
         with torch.enable_grad():
             # Eval mode: a prior's dropout stays off while it adapts (Krause et al. 2018 adapt without it).
             features, _ = self.lm(inputs, self._start_state[:, :, :, rows])
@@ -232,5 +315,6 @@ class Predictor(nn.Module):
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.clip)
             self.optimizer.step()
         self._prepare()
-        self._window.clear()
+        self._windows += 1
+        self._learners = self._learning_rows()
         self._start_state = self.state

@@ -93,7 +93,8 @@ def prior(minutes: float, length: int) -> dict:
     if not (PRIOR / "model.safetensors").is_file():
         subprocess.run(["nlm", "train", "shakespeare-char", "--out", str(PRIOR), "--data.corpus=wikitext-2",
                         "--data.tokenizer=byte", "--model.num_layers=1", "--model.hidden_size=256",
-                        "--model.emb_size=64", "--model.dropout=0", "--max-minutes", str(minutes), "--no-progress"],
+                        "--model.emb_size=64", "--model.dropout=0", "--model.dropout_hidden=0", "--max-minutes",
+                        str(minutes), "--no-progress", "--json"],
                        check=True)
     rows = {}
     for name in ("wikitext2-test", "shakespeare"):
@@ -126,7 +127,7 @@ def main() -> None:
     p = sub.add_parser("sizes")
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
     p = sub.add_parser("prior")
-    p.add_argument("--minutes", type=float, default=20)
+    p.add_argument("--minutes", type=float, default=20, help="training time of the prior, if it is not there yet")
     p.add_argument("--length", type=int, default=100_000)
     p = sub.add_parser("dynamic")
     p.add_argument("--checkpoint", default=str(ROOT / "runs" / "ptb-small"))

@@ -39,10 +39,10 @@ class Settings:
     """What the compressor and decompressor must agree on; written into the file's header."""
 
     cell: str = "lstm"
-    hidden: int = 128
+    hidden: int = 96
     layers: int = 1
     emb: int = 32
-    orders: tuple[int, ...] = (1, 2, 3, 4, 6)
+    orders: tuple[int, ...] = (1, 2, 3, 4, 5, 7)
     match: bool = True  # a match model beside the counts
     buckets: int = 1 << 16  # rows of each hashed count table (orders above 2)
     alpha: float = 0.05  # additive smoothing of the counts
@@ -50,7 +50,7 @@ class Settings:
     window: int = 20  # bytes per segment between updates (the truncated BPTT length)
     clip: float = 1.0
     segments: int = 64
-    learn_every: int = 1  # learn from every n-th segment of a window
+    learn_every: int = 2  # learn from every n-th segment of a window
     seed: int = 0
     adapt: bool = True  # with a prior: keep learning as the text is read
 
@@ -302,14 +302,15 @@ class Predictor(nn.Module):
         most of an update's time)."""
         rows = self._learners
         inputs = self._inputs.T[rows]  # (learners, window)
-        targets = torch.cat((inputs[:, 1:], last[rows].unsqueeze(1)), 1)
-        logp, confidence = self._logp.transpose(0, 1), self._confidence.transpose(0, 1)  # (learners, window, ...)
+        targets = torch.cat((self._inputs[1:, rows], last[rows].unsqueeze(0)))  # (window, learners): the buffers' order
+        logp = self._logp.view(-1, *self._logp.shape[2:])  # (window * learners, sources, 256)
         with torch.enable_grad():
             # Eval mode: a prior's dropout stays off while it adapts (Krause et al. 2018 adapt without it).
             features, _ = self.lm(inputs, self._start_state[:, :, :, rows])
-            w = self.mix(torch.cat((features, confidence), 2))
-            logits = self.lm.decoder(features) + (w.unsqueeze(-1) * logp).sum(2)
-            loss = F.cross_entropy(logits.reshape(-1, SYMBOLS), targets.reshape(-1))
+            features = features.transpose(0, 1).reshape(-1, features.size(-1))  # (window * learners, F)
+            w = self.mix(torch.cat((features, self._confidence.view(features.size(0), -1)), 1))
+            logits = torch.baddbmm(self.lm.decoder(features).unsqueeze(1), w.unsqueeze(1), logp)[:, 0]
+            loss = F.cross_entropy(logits, targets.reshape(-1))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.clip)

@@ -86,8 +86,8 @@ def test_same_input_same_bytes():
 
 
 def test_learning_from_every_segment_and_larger_models_roundtrip():
-    roundtrip(text(2000), 4, learn_every=1)
-    roundtrip(text(1000), 2, layers=2, cell="gru")
+    roundtrip(text(1200), 4, learn_every=1)
+    roundtrip(text(600), 2, layers=2, cell="gru")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def prior_of(path):
 
 
 def test_prior_roundtrip_and_it_helps(byte_model):
-    data = text(2000)
+    data = text(1200)
     prior = prior_of(byte_model)
     with_prior = roundtrip(data, 2, prior)
     roundtrip(data, 2, prior, adapt=False)
@@ -130,10 +130,10 @@ def test_prior_must_match(byte_model, char_run):
 
 
 def test_damage_is_detected():
-    data = text(3000)
+    data = text(1200)
     blob = bytearray(codec.compress(data, Settings(segments=2, **TINY)))
     header_end = len(blob) - sum(unpack(bytes(blob), "f")[0].payloads)
-    for pos, pattern in [(len(blob) - 200, "CRC-32|damaged"), (header_end - 10, "header is damaged")]:
+    for pos, pattern in [(len(blob) - 100, "CRC-32|damaged"), (header_end - 10, "header is damaged")]:
         bad = bytearray(blob)
         bad[pos] ^= 0x20
         with pytest.raises(NlmError, match=pattern):
@@ -156,6 +156,12 @@ def test_other_platform_is_refused_unless_asked():
     with pytest.raises(NlmError, match="torch 0.0.1 there"):
         codec.decompress(blob, "f")
     assert codec.decompress(blob, "f", ignore_platform=True) == data  # the same arithmetic really: it decodes
+    header.platform = {**header.platform, "threads": 0}
+    with pytest.raises(NlmError, match="malformed header"):
+        codec.decompress(header.pack(payloads), "f")
+    header.platform["threads"], header.settings = 1, {**header.settings, "hidden": "many"}
+    with pytest.raises(NlmError, match="malformed compression settings"):
+        codec.decompress(header.pack(payloads), "f")
 
 
 def test_cli_roundtrip_json_and_output_rules(tmp_path, capsys):

@@ -1,24 +1,23 @@
 """The predictor a compressed file is coded with: a byte-level recurrent LM whose logits are
-mixed with adaptive n-gram counts, learning as it reads.
+mixed with adaptive n-gram counts and a match model, learning as it reads.
 
 One pass over a megabyte gives a recurrent network little time to learn, and it learns
-slowly at first; counts of what followed the last 1..K bytes predict well from the first
-repeat on (as PPM and PAQ do). The network therefore sees the counts' log-probabilities and
-learns how far to trust each order at each point (a learned, state-dependent geometric
-mixture: logits = W h + b + Σ_k w_k(h, n_k) · log p_k), so it has only to learn what the
-counts miss.
+slowly at first; counts of what followed the last 1..7 bytes predict well from the first
+repeat on (as PPM and PAQ do), and a match model follows long repeats. The network sees their
+log-probabilities and learns how far to trust each at each point (a learned, state-dependent
+geometric mixture: logits = W h + b + Σ_k w_k(h, n_k) · log p_k), so it has only to learn what
+they miss.
 
 Everything here runs the same in the compressor and the decompressor: ``step`` reads one byte
-per segment and gives the next byte's probabilities; after every ``window`` steps ``learn``
-trains on the window just coded (truncated backpropagation through time from the state the
-window started in) and updates the counts' mixer with it.
+per segment and gives the next byte's probabilities; ``seen`` counts the bytes coded and, after
+every ``window`` steps, trains on the window just coded (truncated backpropagation through time
+from the state the window started in; mixer and network together).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +56,8 @@ class Settings:
     def __post_init__(self):
         checks = [(self.cell in ("lstm", "gru", "rnn_tanh"), "cell", "lstm, gru or rnn_tanh"),
                   (self.hidden >= 1 and self.layers >= 1 and self.emb >= 1, "hidden/layers/emb", "positive"),
-                  (all(1 <= k <= 7 for k in self.orders) and len(set(self.orders)) == len(self.orders),
-                   "orders", "distinct integers 1..7"),
+                  (self.orders and all(1 <= k <= 7 for k in self.orders) and len(set(self.orders)) == len(self.orders),
+                   "orders", "one or more distinct integers 1..7"),
                   (self.buckets >= 256 and self.buckets & (self.buckets - 1) == 0, "buckets", "a power of two >= 256"),
                   (self.alpha > 0 and self.lr > 0 and self.clip > 0, "alpha/lr/clip", "positive"),
                   (min(self.window, self.segments, self.learn_every) >= 1, "window/segments/learn_every", "positive")]
@@ -223,21 +222,21 @@ class Predictor(nn.Module):
         self.optimizer = torch.optim.Adam(params, lr=settings.lr) if self.learning else None
         self.state = lm.init_state(batch)  # (layers, parts, 1, batch, hidden)
         self._prepare()
-        if self.learning:  # what a window keeps for its update, of the segments that learn from it
-            learners = len(range(0, batch, settings.learn_every))
-            self._inputs = torch.empty(settings.window, batch, dtype=torch.long)
-            self._logp = torch.empty(settings.window, learners, k, SYMBOLS)
-            self._confidence = torch.empty(settings.window, learners, k)
+        self._sources = k
+        self._inputs = torch.empty(settings.window, batch, dtype=torch.long)
         self._t, self._windows = 0, 0
-        self._learners = self._learning_rows()
+        self._learning_rows()
         self._start_state = self.state
         self.eval()
 
-    def _learning_rows(self) -> torch.Tensor:
-        """The segments the current window's update learns from: every ``learn_every``-th, a different
-        share each window."""
-        every = self.settings.learn_every
-        return torch.arange(self._windows % every, self.batch, every)
+    def _learning_rows(self) -> None:
+        """The segments the current window's update learns from (every ``learn_every``-th, a different
+        share each window), and buffers for what the window keeps of them."""
+        every = min(self.settings.learn_every, self.batch)
+        self._learners = torch.arange(self._windows % every, self.batch, every)
+        if self.learning:
+            shape = (self.settings.window, self._learners.numel(), self._sources)
+            self._logp, self._confidence = torch.empty(*shape, SYMBOLS), torch.empty(shape)
 
     def _prepare(self) -> None:
         """Copies of the weights laid out for single steps: layer 0's input projection of every byte
@@ -317,5 +316,5 @@ class Predictor(nn.Module):
             self.optimizer.step()
         self._prepare()
         self._windows += 1
-        self._learners = self._learning_rows()
+        self._learning_rows()
         self._start_state = self.state

@@ -157,11 +157,11 @@ def _eval_dynamic(args) -> int:
         raise NlmError(f"{source}: no tokens to evaluate")
     static = evaluate(model, tokenizer, ids, batch_size=1, bptt=args.bptt)
     dynamic = dynamic_evaluate(model, tokenizer, ids, args.dynamic_lr, args.dynamic_decay, args.dynamic_bptt,
-                               progress=not args.json and sys.stderr.isatty())
+                               args.dynamic_method, progress=not args.json and sys.stderr.isatty())
     gain = 1 - dynamic["perplexity"] / static["perplexity"]
     result = {**dynamic, **counts, "source": source, "static": static, "perplexity_reduction": gain}
     _emit(result, args.json, [f"{source}: static {_metric(static)}, dynamic {_metric(dynamic)} "
-                              f"({100 * gain:.1f}% lower perplexity; lr {args.dynamic_lr}, decay {args.dynamic_decay}, "
+                              f"({100 * gain:.1f}% lower perplexity; {args.dynamic_method}, lr {args.dynamic_lr}, decay {args.dynamic_decay}, "
                               f"segments of {args.dynamic_bptt}) over {dynamic['tokens']} tokens; "
                               f"{static['seconds']:.1f} s static, {dynamic['seconds']:.1f} s dynamic"])
     return 0
@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic.decay", dest="dynamic_decay", type=float, default=0.0,
                    help="pull back to the trained weights after each update (0: none)")
     p.add_argument("--dynamic.bptt", dest="dynamic_bptt", type=positive, default=20, help="tokens per segment")
+    p.add_argument("--dynamic.method", dest="dynamic_method", default="sgd", choices=["sgd", "rms"],
+                   help="the update: the gradient (sgd), or the gradient over its running RMS (rms)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

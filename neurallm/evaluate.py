@@ -117,24 +117,29 @@ def score(model, tokenizer, text: str, bptt: int = 70, source: str = "text", unk
             **counts}
 
 
+DYNAMIC_METHODS = ("sgd", "rms")
+
+
 def dynamic_evaluate(model, tokenizer, ids: list[int], lr: float, decay: float = 0.0, bptt: int = 20,
-                     progress: bool = False) -> dict:
+                     method: str = "sgd", progress: bool = False) -> dict:
     """Dynamic evaluation (Krause et al. 2018): the stream is read once, in segments of ``bptt``
     tokens, each scored first and then learned from with one gradient step,
-        θ ← θ − lr · ∇ℓ(segment) + decay · (θ₀ − θ)
-    (their SGD rule with a pull back to the trained weights θ₀), so that the model adapts to
-    the text it reads (a name, a topic seen once is likelier again). Every token is still
-    scored before the model has learned from it. The model's weights change; dropout stays off."""
-    from torch.nn.utils import parameters_to_vector
-
+        θ ← θ − lr · u + decay · (θ₀ − θ)
+    with u the segment's gradient ("sgd") or the gradient over the root of its running mean square
+    ("rms": as RMSprop, β = 0.99, bias-corrected; Krause et al. scale by mean squares taken on the
+    training data instead), and a pull back to the trained weights θ₀. The model adapts to the
+    text it reads (a name, a topic seen once is likelier again); every token is still scored
+    before the model has learned from it. The model's weights change; dropout stays off."""
     if not ids:
         raise NlmError("no tokens to evaluate")
-    if lr <= 0 or not 0 <= decay < 1:
-        raise NlmError(f"--dynamic.lr {lr} / --dynamic.decay {decay}: expected lr > 0 and 0 <= decay < 1")
-    params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    if lr <= 0 or not 0 <= decay < 1 or method not in DYNAMIC_METHODS:
+        raise NlmError(f"--dynamic.lr {lr} / --dynamic.decay {decay} / --dynamic.method {method}: expected lr > 0, "
+                       f"0 <= decay < 1 and a method of {', '.join(DYNAMIC_METHODS)}")
     if type(model.decoder) not in (torch.nn.Linear, torch.nn.AdaptiveLogSoftmaxWithLoss):
         raise NlmError("--dynamic adapts a float model's weights: give the float checkpoint, not a quantized one")
-    start_weights = parameters_to_vector(params).detach().clone()
+    params = list(model.parameters())
+    trained = [p.detach().clone() for p in params]
+    squares = [torch.zeros_like(p) for p in params] if method == "rms" else None
     data = with_boundary(tokenizer, ids).unsqueeze(0).to(next(model.parameters()).device)
     model.eval()
     state = model.init_state(1)
@@ -152,18 +157,23 @@ def dynamic_evaluate(model, tokenizer, ids: list[int], lr: float, decay: float =
         total += nll.detach().double().sum().item()
         count += nll.numel()
         with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-lr)
-            if decay:
-                current = parameters_to_vector(params)
-                torch.nn.utils.vector_to_parameters(current + decay * (start_weights - current), params)
+            for j, (p, p0) in enumerate(zip(params, trained)):
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if squares is not None:
+                    squares[j].mul_(0.99).addcmul_(p.grad, p.grad, value=0.01)
+                    update = p.grad / (squares[j] / (1 - 0.99 ** (i + 1))).sqrt_().add_(1e-8)
+                p.add_(update, alpha=-lr)
+                if decay:
+                    p.add_(p0 - p, alpha=decay)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
     mean = total / count
     result = {"nll": mean, "perplexity": math.exp(min(mean, 700)), "tokens": count, "seconds": seconds,
-              "tokens_per_s": count / max(seconds, 1e-9), "dynamic": {"lr": lr, "decay": decay, "bptt": bptt}}
+              "tokens_per_s": count / max(seconds, 1e-9),
+              "dynamic": {"method": method, "lr": lr, "decay": decay, "bptt": bptt}}
     if tokenizer.symbol_level:
         result["bpc"] = mean / math.log(2)
     return result

@@ -234,13 +234,23 @@ def test_byte_tokenizer_roundtrip():
     assert "".join(write(i) for i in tok.encode(s)) == s
 
 
-def test_dynamic_evaluation_learns_a_repeated_text(char_run, tmp_path, capsys):
+@pytest.mark.parametrize("method, lr", [("sgd", "0.5"), ("rms", "0.01")])
+def test_dynamic_evaluation_learns_a_repeated_text(char_run, tmp_path, capsys, method, lr):
     passage = text(400).decode()
     repeated = tmp_path / "repeated.txt"
     repeated.write_text(passage * 4, encoding="utf-8")
-    assert main(["eval", str(char_run), "--file", str(repeated), "--dynamic", "--dynamic.lr", "0.5", "--json"]) == 0
+    assert main(["eval", str(char_run), "--file", str(repeated), "--dynamic", "--dynamic.lr", lr,
+                 "--dynamic.method", method, "--dynamic.decay", "0.001", "--json"]) == 0
     result = last_json(capsys)
     assert result["static"]["tokens"] == result["tokens"] == len(passage) * 4
     assert result["nll"] < result["static"]["nll"] - 0.1  # it learned the passage it saw
     assert result["perplexity_reduction"] == pytest.approx(1 - result["perplexity"] / result["static"]["perplexity"])
     fails(["eval", str(char_run), "--file", str(repeated), "--dynamic", "--batch-size", "4"], capsys, "one stream")
+
+
+def test_byte_level_lm_scores_in_bits_per_byte(byte_model, tmp_path, capsys):
+    src = tmp_path / "some.txt"
+    src.write_text("naïve text, any bytes\n", encoding="utf-8")
+    assert main(["eval", str(byte_model), "--file", str(src), "--json"]) == 0
+    result = last_json(capsys)
+    assert result["tokens"] == len(src.read_bytes()) and result["bpc"] == pytest.approx(result["nll"] / math.log(2))

@@ -49,7 +49,7 @@ def test_word_tokenizer_follows_ptb_conventions():
     assert tok.vocab[:2] == ["<eos>", "<unk>"]
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "byte", "word", "bpe"])
 def test_json_round_trip(kind):
     tok = tokenizers.train(kind, TEXT * 3, bpe_vocab_size=300)
     again = tokenizers.from_json(tok.to_json())

@@ -4,6 +4,7 @@ in one run; every output is decompressed again and compared with the original, b
     python benchmarks/compress.py compare    # Tiny Shakespeare, WikiText-2 test, a binary (/bin/bash)
     python benchmarks/compress.py sizes      # model size against speed and size, on Tiny Shakespeare
     python benchmarks/compress.py prior      # 100 kB texts: online, and from a byte-level prior (nlm train)
+    python benchmarks/compress.py report     # the README's tables from the results
     python benchmarks/compress.py dynamic    # nlm eval --dynamic on the ptb-small model (runs/ptb-small):
                                              # rates chosen on valid, then test
 
@@ -57,13 +58,18 @@ def nlm(src: Path, tag: str, flags: list[str], model: str | None = None) -> dict
     WORK.mkdir(parents=True, exist_ok=True)
     packed, back = WORK / f"{tag}.nlmz", WORK / f"{tag}.out"
     prior = ["--model", model] if model else []
+    start = time.perf_counter()
     c = run_json(["nlm", "compress", str(src), str(packed), "--force", "--json", "--no-progress", *prior, *flags])
+    middle = time.perf_counter()
     d = run_json(["nlm", "decompress", str(packed), str(back), "--force", "--json", "--no-progress", *prior])
+    end = time.perf_counter()
     assert back.read_bytes() == src.read_bytes(), f"nlm did not give {src} back"
     back.unlink()
     return {"bytes": c["compressed_bytes"], "bits_per_byte": c["bits_per_byte"], "compress_kb_s": c["bytes_per_s"] / 1e3,
             "decompress_kb_s": d["bytes_per_s"] / 1e3, "compress_seconds": c["seconds"],
-            "decompress_seconds": d["seconds"], "flags": flags, "segments": c["segments"]}
+            "decompress_seconds": d["seconds"], "flags": flags, "segments": c["segments"],
+            # the whole processes, with Python's and torch's start-up (a few seconds):
+            "compress_process_seconds": middle - start, "decompress_process_seconds": end - middle}
 
 
 def compare(flags: list[str]) -> dict:
@@ -119,6 +125,39 @@ def dynamic(checkpoint: str, lrs: list[float], decays: list[float], bptt: int) -
             "test": test}
 
 
+def report() -> str:
+    """The README's tables, from the results files."""
+    from common import RESULTS
+    import json
+
+    lines = []
+    compare_file = RESULTS / "compress-compare.json"
+    if compare_file.is_file():
+        files = json.loads(compare_file.read_text())["files"]
+        lines += ["| file | bytes | nlm compress | xz -9e | bzip2 -9 | zstd --ultra -22 | gzip -9 | nlm / xz | nlm kB/s (compress / decompress) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, row in files.items():
+            tools = " | ".join(f"{row['tools'][t]['bytes']:,} ({row['tools'][t]['bits_per_byte']:.2f})" for t in TOOLS)
+            n = row["nlm"]
+            lines.append(f"| {name} | {row['bytes']:,} | **{n['bytes']:,} ({n['bits_per_byte']:.3f})** | {tools} | "
+                         f"{row['nlm_vs_xz']:.3f} | {n['compress_kb_s']:.1f} / {n['decompress_kb_s']:.1f} |")
+    sizes_file = RESULTS / "compress-sizes.json"
+    if sizes_file.is_file():
+        rows = json.loads(sizes_file.read_text())["rows"]
+        lines += ["", "| LSTM units | bytes | bits per byte | compress kB/s | decompress kB/s |", "| --- | --- | --- | --- | --- |"]
+        for hidden, n in rows.items():
+            lines.append(f"| {hidden} | {n['bytes']:,} | {n['bits_per_byte']:.3f} | {n['compress_kb_s']:.1f} | "
+                         f"{n['decompress_kb_s']:.1f} |")
+    prior_file = RESULTS / "compress-prior.json"
+    if prior_file.is_file():
+        texts = json.loads(prior_file.read_text())["texts"]
+        lines += ["", "| 100 kB of | online | prior, adapting | prior, fixed | prior / online |", "| --- | --- | --- | --- | --- |"]
+        for name, row in texts.items():
+            cells = " | ".join(f"{row[k]['bytes']:,} ({row[k]['bits_per_byte']:.3f})" for k in ("online", "prior", "prior_no_adapt"))
+            lines.append(f"| {name} | {cells} | {row['prior_vs_online']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -129,6 +168,7 @@ def main() -> None:
     p = sub.add_parser("prior")
     p.add_argument("--minutes", type=float, default=20, help="training time of the prior, if it is not there yet")
     p.add_argument("--length", type=int, default=100_000)
+    sub.add_parser("report", help="print the README's tables from the results files")
     p = sub.add_parser("dynamic")
     p.add_argument("--checkpoint", default=str(ROOT / "runs" / "ptb-small"))
     p.add_argument("--lr", type=float, nargs="+", default=[0.3, 1.0, 3.0])
@@ -136,6 +176,9 @@ def main() -> None:
     p.add_argument("--bptt", type=int, default=20)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.what == "report":
+        print(report())
+        return
     if args.what == "compare":
         figures = compare(args.flags)
     elif args.what == "sizes":

@@ -254,3 +254,19 @@ def test_byte_level_lm_scores_in_bits_per_byte(byte_model, tmp_path, capsys):
     assert main(["eval", str(byte_model), "--file", str(src), "--json"]) == 0
     result = last_json(capsys)
     assert result["tokens"] == len(src.read_bytes()) and result["bpc"] == pytest.approx(result["nll"] / math.log(2))
+
+
+def test_adam_is_torch_adam():
+    from neurallm.compress.model import Adam
+
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(5, 3, requires_grad=True), None
+    theirs = ours.detach().clone().requires_grad_(True)
+    a, b = Adam([ours], 0.01), torch.optim.Adam([theirs], lr=0.01)
+    for step in range(5):
+        target = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
+        for p, opt in ((ours, a), (theirs, b)):
+            opt.zero_grad()
+            ((p - target) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(ours, theirs, atol=1e-6)

@@ -38,7 +38,7 @@ class Settings:
     """What the compressor and decompressor must agree on; written into the file's header."""
 
     cell: str = "lstm"
-    hidden: int = 96
+    hidden: int = 64
     layers: int = 1
     emb: int = 32
     orders: tuple[int, ...] = (1, 2, 3, 4, 5, 7)
@@ -201,6 +201,33 @@ def _prime_below(n: int) -> int:
     return next(p for p in range(n, 1, -1) if all(p % d for d in range(2, int(p ** 0.5) + 1)))
 
 
+class Adam:
+    """Adam (Kingma & Ba 2015) in a few lines. torch.optim's first optimizer of a process imports
+    torch._dynamo, 2.6 s here: longer than coding a 50 kB file, and paid again by every
+    decompression. The same update as torch.optim.Adam's defaults (tested)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 class Predictor(nn.Module):
     """The LM and the mixer over the counts (and the match), with a fast single-step path and a
     training step."""
@@ -218,8 +245,7 @@ class Predictor(nn.Module):
                              Match.rows() if settings.match else None)
         self.match = Match(batch, length) if settings.match else None
         self.learning = settings.adapt or not prior
-        params = [p for p in self.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=settings.lr) if self.learning else None
+        self.optimizer = Adam(list(self.parameters()), settings.lr) if self.learning else None
         self.state = lm.init_state(batch)  # (layers, parts, 1, batch, hidden)
         self._prepare()
         self._sources = k
@@ -310,9 +336,9 @@ class Predictor(nn.Module):
             w = self.mix(torch.cat((features, self._confidence.view(features.size(0), -1)), 1))
             logits = torch.baddbmm(self.lm.decoder(features).unsqueeze(1), w.unsqueeze(1), logp)[:, 0]
             loss = F.cross_entropy(logits, targets.reshape(-1))
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.settings.clip)
+            torch.nn.utils.clip_grad_norm_(self.optimizer.params, self.settings.clip)
             self.optimizer.step()
         self._prepare()
         self._windows += 1

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What a user installs is what runs: in clean virtual environments,
 # 1. `pip install .` alone (no extras), at the lowest versions pyproject.toml admits for each
-#    dependency but torch (2.13.0, the one build on this disk), runs train, eval, generate and
-#    score on a small slice of text, with a character and a BPE model;
+#    dependency but torch (2.13.0, the one build on this disk), runs every verb on a small slice
+#    of text (character, byte and BPE models; compression both ways);
 # 2. each extra, installed on top of that plain install by itself, imports its modules.
 # Run by .ci/run; by hand: bash scripts/check-install.sh
 set -euo pipefail
@@ -121,6 +121,17 @@ run="$work/run"
     --data.tokenizer=bpe --data.bpe_vocab_size=300 --model.hidden_size=16 --model.emb_size=16 \
     --train.batch_size=4 --train.bptt=16 --train.eval_batch_size=2
   "$nlm" generate "$work/bpe" --prompt "First" --max-tokens 20 --seed 1
+  # Compression, online and from a byte-level prior, each round trip compared; dynamic evaluation.
+  "$nlm" compress "$corpus/valid.txt" "$work/v.nlmz" --hidden 8 --no-progress --json
+  "$nlm" decompress "$work/v.nlmz" "$work/v.out" --no-progress > /dev/null
+  cmp "$corpus/valid.txt" "$work/v.out"
+  "$nlm" train shakespeare-char --out "$work/bytes" --max-steps 2 --no-progress --data.corpus="$corpus" \
+    --data.tokenizer=byte --model.hidden_size=16 --model.emb_size=8 --train.batch_size=4 --train.bptt=16 \
+    --train.eval_batch_size=2
+  "$nlm" compress "$corpus/valid.txt" "$work/p.nlmz" --model "$work/bytes" --no-progress > /dev/null
+  "$nlm" decompress "$work/p.nlmz" "$work/p.out" --model "$work/bytes" --no-progress > /dev/null
+  cmp "$corpus/valid.txt" "$work/p.out"
+  "$nlm" eval "$run" --split test --dynamic --dynamic.lr 0.1 --json > /dev/null
   "$py" -c "
 import io
 from neurallm.progress import RunProgress

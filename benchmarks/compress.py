@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_json, write  # noqa: E402
+from common import RESULTS, run_json, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NLM_DATA_DIR") or ROOT.parent / "shared" / "data")
@@ -125,36 +126,35 @@ def dynamic(checkpoint: str, lrs: list[float], decays: list[float], bptt: int) -
             "test": test}
 
 
+def _results(name: str) -> dict | None:
+    path = RESULTS / f"compress-{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sized(n: dict, digits: int = 3) -> str:
+    return f"{n['bytes']:,} ({n['bits_per_byte']:.{digits}f})"
+
+
 def report() -> str:
     """The README's tables, from the results files."""
-    from common import RESULTS
-    import json
-
     lines = []
-    compare_file = RESULTS / "compress-compare.json"
-    if compare_file.is_file():
-        files = json.loads(compare_file.read_text())["files"]
-        lines += ["| file | bytes | nlm compress | xz -9e | bzip2 -9 | zstd --ultra -22 | gzip -9 | nlm / xz | nlm kB/s (compress / decompress) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, row in files.items():
-            tools = " | ".join(f"{row['tools'][t]['bytes']:,} ({row['tools'][t]['bits_per_byte']:.2f})" for t in TOOLS)
+    if compare_ := _results("compare"):
+        lines += ["| file | bytes | nlm compress | " + " | ".join(TOOLS) + " | nlm / xz | nlm kB/s (compress / decompress) |",
+                  "| --- " * (5 + len(TOOLS)) + "|"]
+        for name, row in compare_["files"].items():
             n = row["nlm"]
-            lines.append(f"| {name} | {row['bytes']:,} | **{n['bytes']:,} ({n['bits_per_byte']:.3f})** | {tools} | "
-                         f"{row['nlm_vs_xz']:.3f} | {n['compress_kb_s']:.1f} / {n['decompress_kb_s']:.1f} |")
-    sizes_file = RESULTS / "compress-sizes.json"
-    if sizes_file.is_file():
-        rows = json.loads(sizes_file.read_text())["rows"]
-        lines += ["", "| LSTM units | bytes | bits per byte | compress kB/s | decompress kB/s |", "| --- | --- | --- | --- | --- |"]
-        for hidden, n in rows.items():
-            lines.append(f"| {hidden} | {n['bytes']:,} | {n['bits_per_byte']:.3f} | {n['compress_kb_s']:.1f} | "
-                         f"{n['decompress_kb_s']:.1f} |")
-    prior_file = RESULTS / "compress-prior.json"
-    if prior_file.is_file():
-        texts = json.loads(prior_file.read_text())["texts"]
-        lines += ["", "| 100 kB of | online | prior, adapting | prior, fixed | prior / online |", "| --- | --- | --- | --- | --- |"]
-        for name, row in texts.items():
-            cells = " | ".join(f"{row[k]['bytes']:,} ({row[k]['bits_per_byte']:.3f})" for k in ("online", "prior", "prior_no_adapt"))
-            lines.append(f"| {name} | {cells} | {row['prior_vs_online']:.3f} |")
+            tools = " | ".join(_sized(row["tools"][t], 2) for t in TOOLS)
+            lines.append(f"| {name} | {row['bytes']:,} | **{_sized(n)}** | {tools} | {row['nlm_vs_xz']:.3f} | "
+                         f"{n['compress_kb_s']:.1f} / {n['decompress_kb_s']:.1f} |")
+    if sizes_ := _results("sizes"):
+        lines += ["", "| LSTM units | bytes (bits per byte) | compress kB/s | decompress kB/s |", "| --- " * 4 + "|"]
+        lines += [f"| {h} | {_sized(n)} | {n['compress_kb_s']:.1f} | {n['decompress_kb_s']:.1f} |"
+                  for h, n in sizes_["rows"].items()]
+    if prior_ := _results("prior"):
+        kinds = ("online", "prior", "prior_no_adapt")
+        lines += ["", "| 100 kB of | online | prior, adapting | prior, fixed | prior / online |", "| --- " * 5 + "|"]
+        lines += [f"| {name} | " + " | ".join(_sized(row[k]) for k in kinds) + f" | {row['prior_vs_online']:.3f} |"
+                  for name, row in prior_["texts"].items()]
     return "\n".join(lines)
 
 

@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reports the static score beside it")
     p.add_argument("--dynamic.lr", dest="dynamic_lr", type=positive_float, default=1.0,
                    help="step size of the update after each segment (SGD)")
-    p.add_argument("--dynamic.decay", dest="dynamic_decay", type=float, default=0.0,
+    p.add_argument("--dynamic.decay", dest="dynamic_decay", type=float, default=0.02,
                    help="pull back to the trained weights after each update (0: none)")
     p.add_argument("--dynamic.bptt", dest="dynamic_bptt", type=positive, default=20, help="tokens per segment")
     p.add_argument("--dynamic.method", dest="dynamic_method", default="sgd", choices=["sgd", "rms"],

@@ -93,7 +93,7 @@ def test_learning_from_every_segment_and_larger_models_roundtrip():
 @pytest.fixture(scope="module")
 def byte_model(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("byte") / "byte-lm"
-    assert main(["train", "shakespeare-char", "--out", str(out), "--max-steps", "30", "--no-progress",
+    assert main(["train", "shakespeare-char", "--out", str(out), "--max-steps", "150", "--no-progress",
                  f"--data.corpus={corpus}", "--data.tokenizer=byte", *TINY_LSTM]) == 0
     return out
 

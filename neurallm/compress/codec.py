@@ -64,6 +64,20 @@ def _columns(data: bytes, lengths: list[int]) -> torch.Tensor:
     return rows
 
 
+def _walk(settings: Settings, lengths: list[int], prior, threads: int, code, progress) -> None:
+    """The one loop both directions run: each step, the predictor's frequencies for every segment's
+    next byte go to ``code(t, cum) -> the bytes (segments,)`` (encoded from the input, or decoded),
+    which the predictor then reads. Sharing it is what keeps the two sides' operations identical."""
+    with threads_set(threads):
+        predictor = _predictor(settings, lengths, prior)
+        last = torch.full((len(lengths),), START, dtype=torch.long)
+        for t in range(max(lengths, default=0)):
+            last = code(t, coder.frequencies(predictor.step(last)))
+            predictor.seen(last)
+            if progress:
+                progress(sum(t < n for n in lengths))
+
+
 def compress(data: bytes, settings: Settings, prior=None, threads: int = 1, progress=None) -> bytes:
     """-> the whole compressed file. ``prior``: (lm, tokenizer, name) of a byte-level checkpoint.
     ``progress(n)`` is told the bytes done after each step."""
@@ -71,21 +85,17 @@ def compress(data: bytes, settings: Settings, prior=None, threads: int = 1, prog
     rows = _columns(data, lengths)
     prior_id = None if prior is None else {"hash": _hash(prior[0]), "name": prior[2]}
     encoders = [coder.Encoder() for _ in lengths]
-    with threads_set(threads):
-        predictor = _predictor(settings, lengths, prior)
-        last = torch.full((len(lengths),), START, dtype=torch.long)
-        for t in range(rows.size(1)):
-            cum = coder.frequencies(predictor.step(last))
-            symbols = rows[:, t].long()
-            bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
-            totals = cum[:, -1].tolist()
-            for i, enc in enumerate(encoders):
-                if t < lengths[i]:
-                    enc.encode(bounds[i][0], bounds[i][1] - bounds[i][0], totals[i])
-            predictor.seen(symbols)
-            last = symbols
-            if progress:
-                progress(sum(t < n for n in lengths))
+
+    def encode(t: int, cum: torch.Tensor) -> torch.Tensor:
+        symbols = rows[:, t].long()
+        bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
+        totals = cum[:, -1].tolist()
+        for i, enc in enumerate(encoders):
+            if t < lengths[i]:
+                enc.encode(bounds[i][0], bounds[i][1] - bounds[i][0], totals[i])
+        return symbols
+
+    _walk(settings, lengths, prior, threads, encode, progress)
     payloads = [enc.finish() for enc in encoders]
     header = Header(len(data), crc32(data), settings.to_json(), lengths, [len(p) for p in payloads],
                     prior_id, platform(threads))
@@ -104,26 +114,22 @@ def decompress(blob: bytes, source: str, prior=None, progress=None, ignore_platf
     lengths = header.segments
     decoders = [coder.Decoder(p, source) for p in payloads]
     out = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.uint8)
-    with threads_set(int(header.platform.get("threads", 1))):
-        predictor = _predictor(settings, lengths, prior) if lengths else None
-        last = torch.full((len(lengths),), START, dtype=torch.long)
-        for t in range(out.size(1)):
-            cum = coder.frequencies(predictor.step(last))
-            totals = cum[:, -1].tolist()
-            targets = [dec.target(totals[i]) if t < lengths[i] else 0 for i, dec in enumerate(decoders)]
-            symbols = torch.searchsorted(cum, torch.tensor(targets).unsqueeze(1), right=True).squeeze(1) - 1
-            symbols = symbols.clamp_(0, 255)
-            bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
-            for i, dec in enumerate(decoders):
-                if t < lengths[i]:
-                    dec.consume(bounds[i][0], bounds[i][1] - bounds[i][0])
-                else:
-                    symbols[i] = START
-            out[:, t] = symbols
-            predictor.seen(symbols)
-            last = symbols
-            if progress:
-                progress(sum(t < n for n in lengths))
+
+    def decode(t: int, cum: torch.Tensor) -> torch.Tensor:
+        totals = cum[:, -1].tolist()
+        targets = [dec.target(totals[i]) if t < lengths[i] else 0 for i, dec in enumerate(decoders)]
+        symbols = torch.searchsorted(cum, torch.tensor(targets).unsqueeze(1), right=True).squeeze(1) - 1
+        symbols = symbols.clamp_(0, 255)
+        bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
+        for i, dec in enumerate(decoders):
+            if t < lengths[i]:
+                dec.consume(bounds[i][0], bounds[i][1] - bounds[i][0])
+            else:
+                symbols[i] = START  # an ended segment reads its padding, as the encoder's rows hold
+        out[:, t] = symbols
+        return symbols
+
+    _walk(settings, lengths, prior, int(header.platform.get("threads", 1)), decode, progress)
     data = b"".join(out[i, :n].numpy().tobytes() for i, n in enumerate(lengths))
     if crc32(data) != header.crc32 or len(data) != header.length:
         hint = "" if header.platform == platform(header.platform.get("threads", 1)) else \

@@ -21,9 +21,9 @@ def _read(path: Path) -> bytes:
         raise NlmError(f"{path}: unreadable ({e.strerror})") from None
 
 
-def _reserve(out: Path, inp: Path, force: bool) -> Path:
+def _check_out(out: Path, inp: Path, force: bool) -> None:
     """Check the output before any work: not the input, not an existing file unless ``force``, in a
-    folder we can write. -> the temporary file the result is written to (renamed over ``out`` at the end)."""
+    folder we can write (a probe file is made there and removed)."""
     if out.exists() and out.resolve() == inp.resolve():
         raise NlmError(f"{out}: is the input; give another output path")
     if out.is_dir():
@@ -32,20 +32,19 @@ def _reserve(out: Path, inp: Path, force: bool) -> Path:
         raise NlmError(f"{out}: exists (--force replaces it)")
     if not out.parent.is_dir():
         raise NlmError(f"{out.parent}: no such folder")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    probe = out.with_name(f".{out.name}.probe-{os.getpid()}")
     try:
-        tmp.touch(exist_ok=False)
+        probe.touch(exist_ok=False)
     except OSError as e:
         raise NlmError(f"{out}: cannot write there ({e.strerror})") from None
-    return tmp
+    probe.unlink()
 
 
-def _finish(tmp: Path, out: Path, data: bytes) -> None:
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+def _write(out: Path, data: bytes) -> None:
+    """The whole output or none of it: a temporary file, flushed, renamed over ``out``."""
+    from neurallm.checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: tmp.write_bytes(data))
 
 
 def _bar(total: int, show: bool, what: str):
@@ -78,16 +77,12 @@ def compress_file(inp, out, settings, model: str | None = None, force: bool = Fa
         check_prior(*prior)
         cfg = prior[0].cfg  # the header records the prior's own shape
         settings = replace(settings, cell=cfg.cell, hidden=cfg.hidden_size, layers=cfg.num_layers, emb=cfg.emb_size)
-    tmp = _reserve(out, inp, force)
-    try:
-        start = time.perf_counter()
-        with _bar(len(data), progress, "compress") as bar:
-            blob = codec.compress(data, settings, prior, threads, progress=bar.update)
-        seconds = time.perf_counter() - start
-        _finish(tmp, out, blob)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _check_out(out, inp, force)
+    start = time.perf_counter()
+    with _bar(len(data), progress, "compress") as bar:
+        blob = codec.compress(data, settings, prior, threads, progress=bar.update)
+    seconds = time.perf_counter() - start
+    _write(out, blob)
     return {**report(len(data), len(blob), seconds), "input": str(inp), "output": str(out),
             "segments": len(codec.split(len(data), settings.segments)), "prior": model}
 
@@ -100,16 +95,12 @@ def decompress_file(inp, out, model: str | None = None, force: bool = False, pro
     blob = _read(inp)
     header = codec.read_header(blob, str(inp))  # another format or a damaged header: refused before any work
     prior = load_prior(model)
-    tmp = _reserve(out, inp, force)
-    try:
-        start = time.perf_counter()
-        with _bar(header.length, progress, "decompress") as bar:
-            data = codec.decompress(blob, str(inp), prior, progress=bar.update, ignore_platform=ignore_platform)
-        seconds = time.perf_counter() - start
-        _finish(tmp, out, data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _check_out(out, inp, force)
+    start = time.perf_counter()
+    with _bar(header.length, progress, "decompress") as bar:
+        data = codec.decompress(blob, str(inp), prior, progress=bar.update, ignore_platform=ignore_platform)
+    seconds = time.perf_counter() - start
+    _write(out, data)
     return {**report(len(data), len(blob), seconds), "input": str(inp), "output": str(out)}
 
 

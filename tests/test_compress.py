@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,25 +38,38 @@ def roundtrip(data: bytes, segments: int = 4, prior=None, **settings) -> bytes:
 
 @pytest.mark.parametrize("skew", [0.0, 0.999])
 def test_coder_code_length_is_the_entropy(skew):
+    """Eight streams of a known distribution: each codes to its information content within a few
+    bytes, and the batched decoders give every symbol back, a stream ending early kept as it is."""
     g = torch.Generator().manual_seed(0)
     probs = torch.distributions.Dirichlet(torch.full((256,), 0.3)).sample() if skew == 0 else None
     if probs is None:
         probs = torch.full((256,), (1 - skew) / 255)
         probs[7] = skew
-    cum = coder.frequencies(probs.unsqueeze(0))[0].tolist()
-    symbols = torch.multinomial(probs, 20000, replacement=True, generator=g).tolist()
+    cum = coder.frequencies(probs.unsqueeze(0))[0]
+    lengths = [2500] * 7 + [1200]
+    streams = [torch.multinomial(probs, n, replacement=True, generator=g).tolist() for n in lengths]
+    payloads = []
+    for symbols in streams:
+        enc = coder.Encoder()
+        for s in symbols:
+            enc.encode(int(cum[s]), int(cum[s + 1] - cum[s]), int(cum[-1]))
+        payloads.append(enc.finish())
+        information = -sum(math.log2(probs[s].item()) for s in symbols) / 8  # bytes the distribution itself asks
+        assert abs(len(payloads[-1]) - information) < 8 + 0.001 * len(symbols), (len(payloads[-1]), information)
+    decoders = coder.Decoders(payloads)
+    cums = np.tile(cum, (len(lengths), 1))
+    for t in range(max(lengths)):
+        active = np.array([t < n for n in lengths])
+        found = decoders.decode(cums, active)
+        assert found[active].tolist() == [s[t] for s in streams if t < len(s)]
+
+
+def test_decoders_refuse_a_code_past_its_interval():
     enc = coder.Encoder()
-    for s in symbols:
-        enc.encode(cum[s], cum[s + 1] - cum[s], cum[-1])
-    data = enc.finish()
-    information = -sum(math.log2(probs[s].item()) for s in symbols) / 8  # bytes the distribution itself asks
-    assert abs(len(data) - information) < 8 + 0.001 * len(symbols), (len(data), information)
-    dec = coder.Decoder(data)
-    for s in symbols:
-        value = dec.target(cum[-1])
-        found = max(i for i in range(256) if cum[i] <= value)
-        assert found == s
-        dec.consume(cum[found], cum[found + 1] - cum[found])
+    enc.encode(0, 1, 2)  # the lower half of two
+    with pytest.raises(NlmError, match="damaged"):
+        coder.Decoders([b"\xff" * 8]).decode(np.array([[0, 1, 2]]), np.array([True]))
+    assert coder.Decoders([enc.finish()]).decode(np.array([[0, 1, 2]]), np.array([True])).tolist() == [0]
 
 
 def test_frequencies_keep_every_symbol_and_stay_in_range():

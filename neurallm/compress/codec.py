@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import numpy as np
 import torch
 
 from neurallm.compress import coder
@@ -85,14 +86,15 @@ def compress(data: bytes, settings: Settings, prior=None, threads: int = 1, prog
     rows = _columns(data, lengths)
     prior_id = None if prior is None else {"hash": _hash(prior[0]), "name": prior[2]}
     encoders = [coder.Encoder() for _ in lengths]
+    segments = np.arange(len(lengths))
 
-    def encode(t: int, cum: torch.Tensor) -> torch.Tensor:
+    def encode(t: int, cum: np.ndarray) -> torch.Tensor:
         symbols = rows[:, t].long()
-        bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
-        totals = cum[:, -1].tolist()
+        at = symbols.numpy()
+        starts, ends, totals = cum[segments, at].tolist(), cum[segments, at + 1].tolist(), cum[:, -1].tolist()
         for i, enc in enumerate(encoders):
             if t < lengths[i]:
-                enc.encode(bounds[i][0], bounds[i][1] - bounds[i][0], totals[i])
+                enc.encode(starts[i], ends[i] - starts[i], totals[i])
         return symbols
 
     _walk(settings, lengths, prior, threads, encode, progress)
@@ -112,20 +114,14 @@ def decompress(blob: bytes, source: str, prior=None, progress=None, ignore_platf
     _check_prior(header, prior, source)
     _check_platform(header, source, ignore_platform)
     lengths = header.segments
-    decoders = [coder.Decoder(p, source) for p in payloads]
+    decoders = coder.Decoders(payloads, source)
+    ends = np.array(lengths, dtype=np.int64)
     out = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.uint8)
 
-    def decode(t: int, cum: torch.Tensor) -> torch.Tensor:
-        totals = cum[:, -1].tolist()
-        targets = [dec.target(totals[i]) if t < lengths[i] else 0 for i, dec in enumerate(decoders)]
-        symbols = torch.searchsorted(cum, torch.tensor(targets).unsqueeze(1), right=True).squeeze(1) - 1
-        symbols = symbols.clamp_(0, 255)
-        bounds = cum.gather(1, torch.stack((symbols, symbols + 1), 1)).tolist()
-        for i, dec in enumerate(decoders):
-            if t < lengths[i]:
-                dec.consume(bounds[i][0], bounds[i][1] - bounds[i][0])
-            else:
-                symbols[i] = START  # an ended segment reads its padding, as the encoder's rows hold
+    def decode(t: int, cum: np.ndarray) -> torch.Tensor:
+        active = ends > t
+        # an ended segment reads its padding, as the encoder's rows hold
+        symbols = torch.from_numpy(np.where(active, decoders.decode(cum, active), START))
         out[:, t] = symbols
         return symbols
 

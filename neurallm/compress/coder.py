@@ -14,6 +14,7 @@ least 8 bits (the rounding then costs under 0.006 bits a symbol).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from neurallm.errors import NlmError
@@ -24,14 +25,16 @@ MAX_TOTAL = 1 << 16
 SCALE = MAX_TOTAL - 256 * 2  # probability mass spread over the frequencies; every symbol keeps at least 1
 
 
-def frequencies(probs: torch.Tensor) -> torch.Tensor:
+def frequencies(probs: torch.Tensor) -> np.ndarray:
     """probs (batch, symbols) float32 -> cumulative integer frequencies (batch, symbols + 1), int64,
     starting at 0; every symbol gets at least 1 (so any byte can still be coded), the total stays
-    below ``MAX_TOTAL``. Exact float32 arithmetic on integers below 2**24: the same probabilities
-    give the same integers on every machine."""
-    cum = torch.zeros(probs.size(0), probs.size(1) + 1)
-    torch.cumsum((probs * SCALE).floor_().add_(1), 1, out=cum[:, 1:])
-    return cum.long()
+    below ``MAX_TOTAL``. Exact: a float32 product rounded down to an integer, then integer sums, so
+    the same probabilities give the same integers on every machine. (Numpy: for 64 rows of 256 a
+    torch call's own cost is most of the work.)"""
+    sizes = np.floor(probs.numpy() * np.float32(SCALE)).astype(np.int64)
+    cum = np.zeros((sizes.shape[0], sizes.shape[1] + 1), dtype=np.int64)
+    np.cumsum(sizes + 1, axis=1, out=cum[:, 1:])
+    return cum
 
 
 class Encoder:
@@ -67,30 +70,46 @@ class Encoder:
         return bytes(self.out)
 
 
-class Decoder:
-    def __init__(self, data: bytes, source: str = "input"):
-        self.data, self.pos, self.source = data, 0, source
-        self.range, self.code = MASK, 0
+class Decoders:
+    """The decoders of all segments at once, in int64 array arithmetic: the same integers as one
+    decoder a segment would compute, without a Python call per segment and byte."""
+
+    def __init__(self, payloads: list[bytes], source: str = "input"):
+        self.source = source
+        # Zero bytes past each payload's end (the encoder's flush covers the end; a damaged file
+        # may read further, and reads zeros, as the clamp below keeps it in the last column).
+        self.data = np.zeros((len(payloads), max((len(p) for p in payloads), default=0) + 8), dtype=np.int64)
+        for i, p in enumerate(payloads):
+            self.data[i, :len(p)] = np.frombuffer(p, dtype=np.uint8)
+        self.rows = np.arange(len(payloads))
+        self.pos = np.zeros(len(payloads), dtype=np.int64)
+        self.range = np.full(len(payloads), MASK, dtype=np.int64)
+        self.code = np.zeros(len(payloads), dtype=np.int64)
         for _ in range(5):
-            self.code = (self.code << 8) | self._byte()
+            self.code = (self.code << 8) | self._next(True)
 
-    def _byte(self) -> int:
-        pos = self.pos
-        self.pos += 1
-        return self.data[pos] if pos < len(self.data) else 0  # the encoder's flush covers the end
+    def _next(self, reading) -> np.ndarray:
+        byte = self.data[self.rows, np.minimum(self.pos, self.data.shape[1] - 1)]
+        self.pos += reading
+        return byte
 
-    def target(self, total: int) -> int:
-        """Where the next symbol lies in [0, total): the decoder then finds the symbol whose
-        interval holds it and calls ``consume``."""
-        self._r = self.range // total
-        value = self.code // self._r
-        if value >= total:
+    def decode(self, cum: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """cum (segments, symbols + 1): each segment's cumulative frequencies; active (segments,)
+        bool: the segments with a symbol left. -> the symbols (segments,), int64 (those of the
+        inactive ones are meaningless, and their state is kept)."""
+        total = cum[:, -1]
+        r = self.range // total
+        value = self.code // r
+        if ((value >= total) & active).any():
             raise NlmError(f"{self.source}: the compressed data is damaged (a code past the end of its interval)")
-        return value
-
-    def consume(self, start: int, size: int) -> None:
-        self.code -= self._r * start
-        self.range = self._r * size
-        while self.range < TOP:
-            self.code = (self.code << 8) | self._byte()
-            self.range <<= 8
+        symbols = (cum[:, 1:-1] <= value[:, None]).sum(1)  # the symbol whose interval holds the value
+        start, end = cum[self.rows, symbols], cum[self.rows, symbols + 1]
+        self.code = np.where(active, self.code - r * start, self.code)
+        self.range = np.where(active, r * (end - start), self.range)
+        # range >= 2**24 before the symbol and r >= 2**8 (total < 2**16), so the new range is at
+        # least 2**8 and two shifts always renormalise it.
+        for _ in range(2):
+            low = self.range < TOP
+            self.code = np.where(low, (self.code << 8) | self._next(low), self.code)
+            self.range = np.where(low, self.range << 8, self.range)
+        return symbols

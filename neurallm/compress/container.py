@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from neurallm.errors import NlmError
 
 MAGIC = b"NLMZ"
-VERSION = 1
+VERSION = 2  # 2: counts read in float16, their normaliser left out (v1 files decode only with the nlm that wrote them)
 _FIXED = len(MAGIC) + 1 + 4
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +31,8 @@ from neurallm.models.lm import RNNLM
 
 SYMBOLS = 256
 START = 10  # the byte every segment's history starts with (a newline, a byte-level LM's boundary)
-ROW_LIMIT = 1024.0  # a context's counts are halved past this total, so recent bytes weigh more (PAQ's habit)
+ROW_LIMIT = 1024  # a context's counts are halved past this total, so recent bytes weigh more (PAQ's habit)
+LOG_TABLE = 4096  # logarithms are read from tables this long: counts and totals stay below (ROW_LIMIT + a step's bytes)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class Settings:
                    "orders", "one or more distinct integers 1..7"),
                   (self.buckets >= 256 and self.buckets & (self.buckets - 1) == 0, "buckets", "a power of two >= 256"),
                   (self.alpha > 0 and self.lr > 0 and self.clip > 0, "alpha/lr/clip", "positive"),
-                  (min(self.window, self.segments, self.learn_every) >= 1, "window/segments/learn_every", "positive")]
+                  (min(self.window, self.segments, self.learn_every) >= 1, "window/segments/learn_every", "positive"),
+                  (self.segments <= 1024, "segments", "at most 1024")]
         for ok, key, expected in checks:
             if not ok:
                 raise NlmError(f"compression setting {key}: expected {expected}")
@@ -100,57 +103,65 @@ class Counts:
     bytes has its own row; longer ones share ``buckets`` rows by their value modulo a prime (a hash
     that needs no multiplication, so nothing overflows 64 bits).
 
-    The table holds log(count + alpha), not the count, and ``norm`` each row's log(total + 256 alpha):
-    a step reads log-probabilities with one subtraction instead of a logarithm of every entry (the
-    costliest part of a step otherwise). A count is recovered exactly as round(exp(entry) - alpha)
-    when it changes (counts stay far below where float32 would blur them). Rows of fixed
-    log-probabilities (``extra``, norm 0) may follow the counts', so that one gather reads both."""
+    Two tables: the counts (int16; a row is halved once its total passes ROW_LIMIT) and
+    log(count + alpha) in float16, which is what a step reads: log-probabilities up to the row's
+    normaliser log(total + 256 alpha), without a logarithm of every entry, and half the bytes to
+    gather (the costliest part of a step otherwise: a few hundred rows scattered over a few hundred
+    megabytes). The normaliser is left out: it moves all 256 logits of a segment by the same amount
+    in the mixture (its weight times it), which the softmax ignores, and so does the loss. Rows of
+    fixed log-probabilities (``extra``) may follow the counts', so that one gather reads both.
+
+    The bookkeeping of a step is a few dozen operations on a few hundred integers: numpy's, whose
+    call costs a microsecond where a torch call costs several. Logarithms come from tables made
+    once (a count is an integer below LOG_TABLE), so no machine's maths library enters a count."""
 
     def __init__(self, orders, buckets: int, alpha: float, batch: int, extra: torch.Tensor | None = None):
-        self.alpha = alpha
         sizes = [SYMBOLS ** k if k <= 2 else buckets for k in orders]
-        self.offsets = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))])
-        self.masks = torch.tensor([(1 << (8 * k)) - 1 for k in orders])
-        self.moduli = torch.tensor([SYMBOLS ** k if k <= 2 else _prime_below(buckets) for k in orders])
+        self.offsets = np.array([sum(sizes[:i]) for i in range(len(sizes))], dtype=np.int64)
+        self.masks = np.array([(1 << (8 * k)) - 1 for k in orders], dtype=np.int64)
+        self.moduli = np.array([SYMBOLS ** k if k <= 2 else _prime_below(buckets) for k in orders], dtype=np.int64)
         self.extra_start = sum(sizes)
         extra = torch.empty(0, SYMBOLS) if extra is None else extra
-        self.logs = torch.cat((torch.full((sum(sizes), SYMBOLS), math.log(alpha)), extra))
-        self.totals = torch.zeros(self.logs.size(0))
-        self.norm = torch.cat((torch.full((sum(sizes),), math.log(SYMBOLS * alpha)), torch.zeros(extra.size(0))))
-        self.history = torch.full((batch, 1), START, dtype=torch.long)  # each segment's last 7 bytes, newest lowest
+        self.log_count = (torch.arange(LOG_TABLE, dtype=torch.float64) + alpha).log().half().numpy()
+        self.log1p = torch.arange(LOG_TABLE, dtype=torch.float64).log1p().float().numpy()
+        self.counts = np.zeros((sum(sizes), SYMBOLS), dtype=np.int16)
+        self.logs = torch.cat((torch.full((sum(sizes), SYMBOLS), math.log(alpha), dtype=torch.float16), extra.half()))
+        self._logs = self.logs.numpy()  # the same memory
+        self.totals = np.zeros(sum(sizes), dtype=np.int16)
+        self.history = np.full((batch, 1), START, dtype=np.int64)  # each segment's last 7 bytes, newest lowest
         self.rows = self._rows()
+        self._ones = np.ones(self.rows.size, dtype=np.int16)  # np.add.at is fast with an array of the table's type
 
-    def _rows(self) -> torch.Tensor:
+    def _rows(self) -> np.ndarray:
         """(batch, orders) rows of the current contexts."""
         return (self.history & self.masks) % self.moduli + self.offsets
 
-    def read(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows (batch, n) -> their log-probabilities (batch, n, 256) and log(1 + total) (batch, n)."""
-        flat = rows.view(-1)
-        logp = self.logs.index_select(0, flat).view(*rows.shape, SYMBOLS)
-        logp.sub_(self.norm.index_select(0, flat).view(*rows.shape, 1))
-        return logp, self.totals.index_select(0, flat).log1p_().view(rows.shape)
+    def read(self, rows: np.ndarray) -> torch.Tensor:
+        """rows (batch, n) -> their log-probabilities up to each row's normaliser (batch, n, 256), float16."""
+        return self.logs.index_select(0, torch.from_numpy(rows.reshape(-1))).view(*rows.shape, SYMBOLS)
 
-    def add(self, symbols: torch.Tensor) -> None:
+    def confidence(self) -> np.ndarray:
+        """log(1 + total) of the current contexts (batch, orders), float32."""
+        return self.log1p[self.totals[self.rows]]
+
+    def add(self, symbols: np.ndarray) -> None:
         """symbols (batch,): count them in their contexts, then move every context on by one byte. A
         context whose total passes ROW_LIMIT has its counts halved, so that recent bytes weigh more
         (PAQ's habit)."""
-        flat = self.rows.view(-1)
-        cells, hits = torch.unique((self.rows * SYMBOLS + symbols.unsqueeze(1)).view(-1), return_counts=True)
-        logs = self.logs.view(-1)
-        counts = logs.index_select(0, cells).exp_().sub_(self.alpha).round_().add_(hits)
-        logs.index_copy_(0, cells, counts.add_(self.alpha).log_())
-        self.totals.index_put_((flat,), torch.ones(flat.numel()), accumulate=True)
-        totals = self.totals.index_select(0, flat)
-        full = totals > ROW_LIMIT
-        if bool(full.any()):
-            rows = flat[full].unique()
-            halved = self.logs[rows].exp_().sub_(self.alpha).round_().mul_(0.5).floor_()
+        flat = self.rows.reshape(-1)
+        cells = (self.rows * SYMBOLS + symbols[:, None]).reshape(-1)
+        counts, logs = self.counts.reshape(-1), self._logs.reshape(-1)
+        np.add.at(counts, cells, self._ones)  # a cell several segments hit at once counts each
+        logs[cells] = self.log_count[counts[cells]]
+        np.add.at(self.totals, flat, self._ones)
+        full = flat[self.totals[flat] > ROW_LIMIT]
+        if full.size:
+            rows = np.unique(full)
+            halved = self.counts[rows] // 2
+            self.counts[rows] = halved
             self.totals[rows] = halved.sum(1)
-            self.logs[rows] = halved.add_(self.alpha).log_()
-            totals = self.totals.index_select(0, flat)
-        self.norm.index_copy_(0, flat, totals.add_(SYMBOLS * self.alpha).log_())
-        self.history = ((self.history << 8) | symbols.unsqueeze(1)) & ((1 << 56) - 1)
+            self._logs[rows] = self.log_count[halved]
+        self.history = ((self.history << 8) | symbols[:, None]) & ((1 << 56) - 1)
         self.rows = self._rows()
 
 
@@ -161,19 +172,19 @@ class Match:
     Its opinion reaches the mixer as one more row of log-probabilities (``ROWS``: sure of one byte,
     or none), with log(1 + the run of bytes it has predicted right) as its confidence. Every coded
     byte is kept (interleaved: segment b's byte of step t at t * batch + b), so that a match can go
-    on past the step it was found in."""
+    on past the step it was found in. Numpy, as the counts' bookkeeping."""
 
     SURE = 15 / 16  # the probability of the predicted byte before the mixer's weighting
 
     def __init__(self, batch: int, length: int, bits: int = 20):
         self.batch, self.t = batch, 0
-        self.buffer = torch.zeros(batch * (length + 1), dtype=torch.uint8)
+        self.buffer = np.zeros(batch * (length + 1), dtype=np.int64)
         self.prime = _prime_below(1 << bits)
-        self.last = torch.full((1 << bits,), -1, dtype=torch.long)  # hashed context -> where its next byte is
-        self.ptr = torch.full((batch,), -1, dtype=torch.long)  # where the predicted byte is; -1: no match
-        self.predicted = torch.full((batch,), SYMBOLS, dtype=torch.long)  # SYMBOLS: none
-        self.run = torch.zeros(batch)
-        self.places = torch.arange(batch)
+        self.last = np.full(1 << bits, -1, dtype=np.int64)  # hashed context -> where its next byte is
+        self.ptr = np.full(batch, -1, dtype=np.int64)  # where the predicted byte is; -1: no match
+        self.predicted = np.full(batch, SYMBOLS, dtype=np.int64)  # SYMBOLS: none
+        self.run = np.zeros(batch, dtype=np.int64)
+        self.places = np.arange(batch, dtype=np.int64)
 
     @staticmethod
     def rows() -> torch.Tensor:
@@ -183,17 +194,17 @@ class Match:
         sure[SYMBOLS] = -math.log(SYMBOLS)
         return sure
 
-    def add(self, symbols: torch.Tensor, history: torch.Tensor) -> None:
+    def add(self, symbols: np.ndarray, history: np.ndarray) -> None:
         """symbols (batch,) just coded; history (batch, 1): the contexts they end."""
         hit = self.predicted == symbols
-        self.run = torch.where(hit, self.run + 1, 0.0)
+        self.run = np.where(hit, np.minimum(self.run + 1, LOG_TABLE - 1), 0)
         here = self.t * self.batch
         self.buffer[here:here + self.batch] = symbols
-        key = history.view(-1) % self.prime
-        self.ptr = torch.where(hit, self.ptr + self.batch, self.last.index_select(0, key))
+        key = history.reshape(-1) % self.prime
+        self.ptr = np.where(hit, self.ptr + self.batch, self.last[key])
         # Several segments may end the same context at once: the latest place wins, as with one.
-        self.last.scatter_reduce_(0, key, self.places + here + self.batch, reduce="amax")
-        self.predicted = torch.where(self.ptr >= 0, self.buffer.index_select(0, self.ptr.clamp(min=0)).long(), SYMBOLS)
+        np.maximum.at(self.last, key, self.places + here + self.batch)
+        self.predicted = np.where(self.ptr >= 0, self.buffer[np.maximum(self.ptr, 0)], SYMBOLS)
         self.t += 1
 
 
@@ -262,7 +273,7 @@ class Predictor(nn.Module):
         self._learners = torch.arange(self._windows % every, self.batch, every)
         if self.learning:
             shape = (self.settings.window, self._learners.numel(), self._sources)
-            self._logp, self._confidence = torch.empty(*shape, SYMBOLS), torch.empty(shape)
+            self._logp, self._confidence = torch.empty(*shape, SYMBOLS, dtype=torch.float16), torch.empty(shape)
 
     def _prepare(self) -> None:
         """Copies of the weights laid out for single steps: layer 0's input projection of every byte
@@ -295,26 +306,27 @@ class Predictor(nn.Module):
             below.append(out)
         features = below[-1] if self.lm.proj is None else self.lm.proj(below[-1])
         self.state = torch.stack(finals).unsqueeze(2)
-        rows = self.counts.rows
+        rows, confidence = self.counts.rows, self.counts.confidence()
         if self.match is not None:
-            rows = torch.cat((rows, (self.match.predicted + self.counts.extra_start).unsqueeze(1)), 1)
-        logp, confidence = self.counts.read(rows)  # (batch, sources, 256), (batch, sources)
-        if self.match is not None:
-            confidence[:, -1] = self.match.run.log1p()
+            rows = np.concatenate((rows, self.match.predicted[:, None] + self.counts.extra_start), 1)
+            confidence = np.concatenate((confidence, self.counts.log1p[self.match.run][:, None]), 1)
+        logp16 = self.counts.read(rows)  # (batch, sources, 256)
+        logp = logp16.float()
+        confidence = torch.from_numpy(confidence)
         weight_t, bias = self._mix
         w = torch.addmm(bias, torch.cat((features, confidence), 1), weight_t)  # (batch, sources)
         logits = torch.baddbmm(torch.addmm(self._out[1], features, self._out[0]).unsqueeze(1), w.unsqueeze(1), logp)
         if self.learning:
             self._inputs[self._t] = symbols
-            torch.index_select(logp, 0, self._learners, out=self._logp[self._t])
+            torch.index_select(logp16, 0, self._learners, out=self._logp[self._t])
             torch.index_select(confidence, 0, self._learners, out=self._confidence[self._t])
         return torch.softmax(logits[:, 0], 1)
 
     def seen(self, symbols: torch.Tensor) -> None:
         """symbols (batch,): the bytes just coded. Counted; after a full window, learned from."""
-        self.counts.add(symbols)
+        self.counts.add(symbols.numpy())
         if self.match is not None:
-            self.match.add(symbols, self.counts.history)
+            self.match.add(symbols.numpy(), self.counts.history)
         self._t += 1
         if self._t == self.settings.window:
             if self.learning:
@@ -328,7 +340,7 @@ class Predictor(nn.Module):
         rows = self._learners
         inputs = self._inputs.T[rows]  # (learners, window)
         targets = torch.cat((self._inputs[1:, rows], last[rows].unsqueeze(0)))  # (window, learners): the buffers' order
-        logp = self._logp.view(-1, *self._logp.shape[2:])  # (window * learners, sources, 256)
+        logp = self._logp.view(-1, *self._logp.shape[2:]).float()  # (window * learners, sources, 256)
         with torch.enable_grad():
             # Eval mode: a prior's dropout stays off while it adapts (Krause et al. 2018 adapt without it).
             features, _ = self.lm(inputs, self._start_state[:, :, :, rows])

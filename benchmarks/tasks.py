@@ -31,19 +31,32 @@ RUNS = ROOT / "runs" / "bench-tasks"
 # set's own training split (one sentence a line; `text` below writes it), forward and backward.
 CHAR_LM = ["--model.hidden_size=512", "--model.emb_size=64", "--train.max_steps=0", "--train.epochs=50"]
 UD_FEATURES = [f"--task.lm_features={RUNS}/ud-charlm-fwd-s1,{RUNS}/ud-charlm-bwd-s1"]
+# The same within UPOS's 30-minute budget: each seed's own two LMs, 8 minutes side by side (one core
+# each), then its tagger 20 minutes ("{seed}" is the run's seed).
+UD_FEATURES_30 = [f"--task.lm_features={RUNS}/ud-charlm-fwd-30-s{{seed}},{RUNS}/ud-charlm-bwd-30-s{{seed}}"]
 
 # name: (verb, recipe, overrides, minutes of training)
 SETTINGS = {
     "ud-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 14),
     "ud-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", "--data.reverse=true",
                                                        *CHAR_LM], 14),
+    "ud-charlm-fwd-30": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 8),
+    "ud-charlm-bwd-30": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", "--data.reverse=true",
+                                                          *CHAR_LM], 8),
     "ud-upos": ("tag", "ud-ewt-upos", [], 28),
+    "ud-upos-charlm-30": ("tag", "ud-ewt-upos", UD_FEATURES_30, 20),
     "ud-upos-charlm": ("tag", "ud-ewt-upos", UD_FEATURES, 20),
     "ner-crf": ("tag", "conll2003-ner", [], 35),
     "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
     "ner-charlm": ("tag", "conll2003-ner", UD_FEATURES, 35),  # the character LMs of UD's web text, on news
     "ner-crf-cased": ("tag", "conll2003-ner", ["--task.lowercase=false"], 35),  # Lample et al.'s cased word table
+    # Character LMs of encyclopaedic text (WikiText-2's training text: cased, full of names; no CoNLL
+    # text, so the features of the tagger's training words are no better than those of its test words).
+    "wt2-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", *CHAR_LM], 14),
+    "wt2-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", "--data.reverse=true", *CHAR_LM], 14),
+    "ner-charlm-wt2": ("tag", "conll2003-ner", [f"--task.lm_features={RUNS}/wt2-charlm-fwd-s1,{RUNS}/wt2-charlm-bwd-s1"], 35),
     "sst2": ("classify", "sst2", [], 25),
+    "sst2-dense": ("classify", "sst2", ["--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
     "sst5": ("classify", "sst5", [], 15),
     # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held
     # out for its validation), whose embedding and layer start the classifier's encoder.
@@ -99,7 +112,7 @@ def train(name: str, seed: int, extra: list[str]) -> dict:
     overrides = [f"--data.corpus={made[o.split('=')[1].split(':')[0]](o.split(':', 1)[1])}"
                  if o.startswith(("--data.corpus=TEXT:", "--data.corpus=PHRASES:")) else o for o in overrides]
     cmd = ["nlm", *([verb] if verb != "lm" else []), "train", recipe, "--out", str(out), "--max-minutes", str(minutes), "--no-progress", "--json",
-           f"--train.seed={seed}", *overrides, *extra]
+           f"--train.seed={seed}", *(o.replace("{seed}", str(seed)) for o in overrides), *extra]
     if (out / "resume").exists():
         cmd.append("--resume")  # a run cut short goes on where it stopped
     print("$", " ".join(cmd), flush=True)
@@ -139,11 +152,14 @@ def score(name: str, seed: int) -> dict:
     seconds = time.perf_counter() - start
     tokens = sum(len(w) for w in words)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    lms = [Path(p.strip()) / "summary.json" for p in (getattr(recipe.task, "lm_features", "") or "").split(",") if p.strip()]
+    lm_minutes = [json.loads(p.read_text())["elapsed_seconds"] / 60 for p in lms if p.is_file()]
     return {"setting": name, "seed": seed, "command": f"python benchmarks/tasks.py run {name} --seed {seed}",
             "recipe": SETTINGS[name][1], "overrides": SETTINGS[name][2],
             "train_minutes": summary.get("elapsed_seconds", 0) / 60, "steps": summary.get("steps"),
             "epochs_completed": summary.get("epochs_completed"), "dev": figures["dev"], "test": figures["test"],
-            "predict_tokens_per_s": tokens / seconds, "predict_batch_size": 64, "predict_threads": 1}
+            "predict_tokens_per_s": tokens / seconds, "predict_batch_size": 64, "predict_threads": 1,
+            **({"feature_lm_minutes": lm_minutes} if lm_minutes else {})}
 
 
 def speed(name: str, seed: int, threads: int) -> dict:
@@ -219,11 +235,15 @@ def table(summary: dict) -> str:
 
 
 def record(entry: dict) -> None:
+    import fcntl
+
     path = RESULTS / "tasks.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    runs = data.get("runs", {})
-    runs[f"{entry['setting']}-s{entry['seed']}"] = entry
-    write("tasks", {"runs": runs, "summary": summarise(runs)})
+    with open(RUNS / ".tasks.lock", "w") as lock:  # two runs side by side may finish together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        runs = data.get("runs", {})
+        runs[f"{entry['setting']}-s{entry['seed']}"] = entry
+        write("tasks", {"runs": runs, "summary": summarise(runs)})
 
 
 def main() -> None:

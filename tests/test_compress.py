@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_LSTM, fails, last_json, need
 from neurallm.cli import main
 from neurallm.compress import codec, coder
-from neurallm.compress.container import unpack
+from neurallm.compress.container import Header, unpack
 from neurallm.compress.model import Settings
 from neurallm.errors import NlmError
 
@@ -62,6 +62,21 @@ def test_coder_code_length_is_the_entropy(skew):
         active = np.array([t < n for n in lengths])
         found = decoders.decode(cums, active)
         assert found[active].tolist() == [s[t] for s in streams if t < len(s)]
+
+
+def test_decoders_check_and_move_only_active_segments():
+    """A segment that has ended keeps its state and is not checked, whatever its code; an active one
+    beside it, with another total, decodes on."""
+    enc = coder.Encoder()
+    enc.encode(2, 3, 9)
+    decoders = coder.Decoders([b"\xff" * 8, enc.finish()])
+    before = [a.copy() for a in (decoders.code, decoders.range, decoders.pos)]
+    cum = np.array([[0, 1, 2, 3], [0, 2, 5, 9]])
+    found = decoders.decode(cum, np.array([False, True]))
+    assert found[1] == 1
+    assert [a[0] for a in (decoders.code, decoders.range, decoders.pos)] == [a[0] for a in before]
+    with pytest.raises(NlmError, match="damaged"):
+        decoders.decode(cum, np.array([True, True]))
 
 
 def test_decoders_refuse_a_code_past_its_interval():
@@ -173,7 +188,12 @@ def test_other_platform_is_refused_unless_asked():
     header.platform = {**header.platform, "threads": 0}
     with pytest.raises(NlmError, match="malformed header"):
         codec.decompress(header.pack(payloads), "f")
-    header.platform["threads"], header.settings = 1, {**header.settings, "hidden": "many"}
+    header.platform["threads"] = 1
+    more = [header.segments[0] - 1, 1]  # one segment more than the settings allow (a crafted header)
+    crafted = Header(header.length, header.crc32, header.settings, more, [header.payloads[0], 0], None, codec.platform(1))
+    with pytest.raises(NlmError, match="malformed header .2 segments, settings allow 1"):
+        codec.decompress(crafted.pack([payloads[0], b""]), "f")
+    header.settings = {**header.settings, "hidden": "many"}
     with pytest.raises(NlmError, match="malformed compression settings"):
         codec.decompress(header.pack(payloads), "f")
 

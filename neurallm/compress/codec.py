@@ -114,6 +114,8 @@ def decompress(blob: bytes, source: str, prior=None, progress=None, ignore_platf
     _check_prior(header, prior, source)
     _check_platform(header, source, ignore_platform)
     lengths = header.segments
+    if len(lengths) > settings.segments:  # the batch, and so the counts' bounds, follow the settings
+        raise NlmError(f"{source}: a malformed header ({len(lengths)} segments, settings allow {settings.segments})")
     decoders = coder.Decoders(payloads, source)
     ends = np.array(lengths, dtype=np.int64)
     out = torch.full((len(lengths), max(lengths, default=0)), START, dtype=torch.uint8)

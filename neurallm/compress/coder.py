@@ -78,7 +78,7 @@ class Decoders:
         self.source = source
         # Zero bytes past each payload's end (the encoder's flush covers the end; a damaged file
         # may read further, and reads zeros, as the clamp below keeps it in the last column).
-        self.data = np.zeros((len(payloads), max((len(p) for p in payloads), default=0) + 8), dtype=np.int64)
+        self.data = np.zeros((len(payloads), max((len(p) for p in payloads), default=0) + 8), dtype=np.uint8)
         for i, p in enumerate(payloads):
             self.data[i, :len(p)] = np.frombuffer(p, dtype=np.uint8)
         self.rows = np.arange(len(payloads))
@@ -89,7 +89,7 @@ class Decoders:
             self.code = (self.code << 8) | self._next(True)
 
     def _next(self, reading) -> np.ndarray:
-        byte = self.data[self.rows, np.minimum(self.pos, self.data.shape[1] - 1)]
+        byte = self.data[self.rows, np.minimum(self.pos, self.data.shape[1] - 1)].astype(np.int64)
         self.pos += reading
         return byte
 

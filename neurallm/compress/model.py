@@ -113,7 +113,7 @@ class Counts:
 
     The bookkeeping of a step is a few dozen operations on a few hundred integers: numpy's, whose
     call costs a microsecond where a torch call costs several. Logarithms come from tables made
-    once (a count is an integer below LOG_TABLE), so no machine's maths library enters a count."""
+    once (a count is an integer below LOG_TABLE): a step computes none."""
 
     def __init__(self, orders, buckets: int, alpha: float, batch: int, extra: torch.Tensor | None = None):
         sizes = [SYMBOLS ** k if k <= 2 else buckets for k in orders]
@@ -125,7 +125,8 @@ class Counts:
         self.log_count = (torch.arange(LOG_TABLE, dtype=torch.float64) + alpha).log().half().numpy()
         self.log1p = torch.arange(LOG_TABLE, dtype=torch.float64).log1p().float().numpy()
         self.counts = np.zeros((sum(sizes), SYMBOLS), dtype=np.int16)
-        self.logs = torch.cat((torch.full((sum(sizes), SYMBOLS), math.log(alpha), dtype=torch.float16), extra.half()))
+        self.logs = torch.cat((torch.full((sum(sizes), SYMBOLS), float(self.log_count[0]), dtype=torch.float16),
+                               extra.half()))
         self._logs = self.logs.numpy()  # the same memory
         self.totals = np.zeros(sum(sizes), dtype=np.int16)
         self.history = np.full((batch, 1), START, dtype=np.int64)  # each segment's last 7 bytes, newest lowest
@@ -178,7 +179,7 @@ class Match:
 
     def __init__(self, batch: int, length: int, bits: int = 20):
         self.batch, self.t = batch, 0
-        self.buffer = np.zeros(batch * (length + 1), dtype=np.int64)
+        self.buffer = np.zeros(batch * (length + 1), dtype=np.uint8)
         self.prime = _prime_below(1 << bits)
         self.last = np.full(1 << bits, -1, dtype=np.int64)  # hashed context -> where its next byte is
         self.ptr = np.full(batch, -1, dtype=np.int64)  # where the predicted byte is; -1: no match
@@ -204,7 +205,7 @@ class Match:
         self.ptr = np.where(hit, self.ptr + self.batch, self.last[key])
         # Several segments may end the same context at once: the latest place wins, as with one.
         np.maximum.at(self.last, key, self.places + here + self.batch)
-        self.predicted = np.where(self.ptr >= 0, self.buffer[np.maximum(self.ptr, 0)], SYMBOLS)
+        self.predicted = np.where(self.ptr >= 0, self.buffer[np.maximum(self.ptr, 0)].astype(np.int64), SYMBOLS)
         self.t += 1
 
 

@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from neurallm.compress import MAX_SEGMENTS
 from neurallm.errors import NlmError
 
 
@@ -501,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decompressing then needs the same one")
     p.add_argument("--no-adapt", dest="adapt", action="store_false",
                    help="with --model: keep its weights as they are (faster; the n-gram counts still adapt)")
-    p.add_argument("--segments", type=positive, help="parts of the file coded side by side as one batch (default 64, at most 1024)")
+    p.add_argument("--segments", type=positive, help=f"parts of the file coded side by side as one batch (default 64, at most {MAX_SEGMENTS})")
     p.add_argument("--hidden", type=positive, help="LSTM units of a fresh model (default 64)")
     p.add_argument("--layers", type=positive, help="layers of a fresh model (default 1)")
     p.add_argument("--lr", type=positive_float, help="Adam's step size while it learns")

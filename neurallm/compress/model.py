@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurallm.compress import MAX_SEGMENTS
 from neurallm.config import ModelConfig
 from neurallm.errors import NlmError
 from neurallm.models import cells
@@ -32,7 +33,8 @@ from neurallm.models.lm import RNNLM
 SYMBOLS = 256
 START = 10  # the byte every segment's history starts with (a newline, a byte-level LM's boundary)
 ROW_LIMIT = 1024  # a context's counts are halved past this total, so recent bytes weigh more (PAQ's habit)
-LOG_TABLE = 4096  # logarithms are read from tables this long: counts and totals stay below (ROW_LIMIT + a step's bytes)
+LOG_TABLE = 4096  # logarithms are read from tables this long: counts and totals stay below ROW_LIMIT + MAX_SEGMENTS
+assert LOG_TABLE > ROW_LIMIT + MAX_SEGMENTS
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Settings:
                   (self.buckets >= 256 and self.buckets & (self.buckets - 1) == 0, "buckets", "a power of two >= 256"),
                   (self.alpha > 0 and self.lr > 0 and self.clip > 0, "alpha/lr/clip", "positive"),
                   (min(self.window, self.segments, self.learn_every) >= 1, "window/segments/learn_every", "positive"),
-                  (self.segments <= 1024, "segments", "at most 1024")]
+                  (self.segments <= MAX_SEGMENTS, "segments", f"at most {MAX_SEGMENTS}")]
         for ok, key, expected in checks:
             if not ok:
                 raise NlmError(f"compression setting {key}: expected {expected}")

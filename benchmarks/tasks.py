@@ -4,6 +4,7 @@ and a summary per setting (mean and standard deviation over its seeds).
 
     python benchmarks/tasks.py run ud-upos --seed 1            # train (bounded by the setting's minutes), score
     python benchmarks/tasks.py score ud-upos --seed 1          # score a finished run again
+    python benchmarks/tasks.py run ud-upos --seed 1 --rerun-because "why"   # afresh; the old run stays on record
     python benchmarks/tasks.py report                          # the summary table
 
 A setting is a recipe plus overrides (SETTINGS below); each run trains on one thread, so two can
@@ -49,6 +50,8 @@ SETTINGS = {
     "ner-crf": ("tag", "conll2003-ner", [], 35),
     "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
     "ner-charlm": ("tag", "conll2003-ner", UD_FEATURES, 35),  # the character LMs of UD's web text, on news
+    "ner-crf-2l": ("tag", "conll2003-ner", ["--model.num_layers=2"], 35),  # two BiLSTM layers (Reimers & Gurevych 2017)
+    "ner-crf-char50": ("tag", "conll2003-ner", ["--task.char_size=50", "--task.char_emb_size=50"], 35),  # wider letters
     "ner-crf-cased": ("tag", "conll2003-ner", ["--task.lowercase=false"], 35),  # Lample et al.'s cased word table
     # Character LMs of encyclopaedic text (WikiText-2's training text: cased, full of names; no CoNLL
     # text, so the features of the tagger's training words are no better than those of its test words).
@@ -242,8 +245,12 @@ def record(entry: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.is_file() else {}
         runs = data.get("runs", {})
-        runs[f"{entry['setting']}-s{entry['seed']}"] = entry
-        write("tasks", {"runs": runs, "summary": summarise(runs)})
+        key = f"{entry['setting']}-s{entry['seed']}"
+        superseded = data.get("superseded", [])
+        if key in runs and entry.get("supersedes"):  # a rerun keeps the run it replaces on record
+            superseded.append({**runs[key], "superseded_by_rerun_because": entry["supersedes"]})
+        runs[key] = entry
+        write("tasks", {"runs": runs, "summary": summarise(runs), **({"superseded": superseded} if superseded else {})})
 
 
 def main() -> None:
@@ -251,6 +258,9 @@ def main() -> None:
     parser.add_argument("action", choices=["run", "score", "speed", "report"])
     parser.add_argument("setting", nargs="?", choices=sorted(SETTINGS))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rerun-because", metavar="REASON",
+                        help="run: train this seed afresh (its old folder kept as NAME-sS-superseded), and keep the "
+                             "run it replaces in tasks.json's superseded list with REASON")
     parser.add_argument("--threads", type=int, default=2, help="speed: torch threads (this machine has 2 cores)")
     args, extra = parser.parse_known_args()
     if args.action == "report":
@@ -266,8 +276,13 @@ def main() -> None:
         record(entry)
         return
     if args.action == "run":
+        if args.rerun_because:
+            old = run_dir(args.setting, args.seed)
+            if old.exists():
+                old.rename(old.with_name(old.name + "-superseded"))
         train(args.setting, args.seed, extra)
-    record(score(args.setting, args.seed) if SETTINGS[args.setting][0] != "lm" else lm_entry(args.setting, args.seed))
+    entry = score(args.setting, args.seed) if SETTINGS[args.setting][0] != "lm" else lm_entry(args.setting, args.seed)
+    record({**entry, **({"supersedes": args.rerun_because} if args.rerun_because else {})})
 
 
 if __name__ == "__main__":

@@ -52,16 +52,13 @@ SETTINGS = {
     "ner-charlm": ("tag", "conll2003-ner", UD_FEATURES, 35),  # the character LMs of UD's web text, on news
     "ner-crf-2l": ("tag", "conll2003-ner", ["--model.num_layers=2"], 35),  # two BiLSTM layers (Reimers & Gurevych 2017)
     "ner-crf-char50": ("tag", "conll2003-ner", ["--task.char_size=50", "--task.char_emb_size=50"], 35),  # wider letters
-    "ner-crf-big": ("tag", "conll2003-ner", ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=50"], 35),
+    "ner-crf-big": ("tag", "conll2003-ner", ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=50"], 35),  # both
     "ner-crf-cased": ("tag", "conll2003-ner", ["--task.lowercase=false"], 35),  # Lample et al.'s cased word table
     # Character LMs of encyclopaedic text (WikiText-2's training text: cased, full of names; no CoNLL
     # text, so the features of the tagger's training words are no better than those of its test words).
     "wt2-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", *CHAR_LM], 14),
     "wt2-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", "--data.reverse=true", *CHAR_LM], 14),
     "ner-charlm-wt2": ("tag", "conll2003-ner", [f"--task.lm_features={RUNS}/wt2-charlm-fwd-s1,{RUNS}/wt2-charlm-bwd-s1"], 35),
-    # Both pairs at once: web text's and WikiText-2's character LMs, four feature sets side by side.
-    "ner-charlm-both": ("tag", "conll2003-ner", [f"--task.lm_features={RUNS}/ud-charlm-fwd-s1,{RUNS}/ud-charlm-bwd-s1,"
-                                                 f"{RUNS}/wt2-charlm-fwd-s1,{RUNS}/wt2-charlm-bwd-s1"], 35),
     "sst2": ("classify", "sst2", [], 25),
     # Character features of each word (a CNN): 5.7% of dev's words (in 59% of its sentences) never occur in train.
     "sst2-char": ("classify", "sst2", ["--task.char=cnn"], 25),
@@ -284,8 +281,11 @@ def main() -> None:
     if args.action == "run":
         if args.rerun_because:
             old = run_dir(args.setting, args.seed)
+            kept = old.with_name(old.name + "-superseded")
+            if old.exists() and kept.exists():
+                sys.exit(f"{kept} already holds a superseded run: move it away first")
             if old.exists():
-                old.rename(old.with_name(old.name + "-superseded"))
+                old.rename(kept)
         train(args.setting, args.seed, extra)
     entry = score(args.setting, args.seed) if SETTINGS[args.setting][0] != "lm" else lm_entry(args.setting, args.seed)
     record({**entry, **({"supersedes": args.rerun_because} if args.rerun_because else {})})

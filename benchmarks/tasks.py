@@ -240,7 +240,8 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def record(entry: dict) -> None:
+def record(entry: dict, rerun_because: str | None = None) -> None:
+    """Keep ``entry`` as its (setting, seed)'s run; a rerun moves the run it replaces to ``superseded``."""
     import fcntl
 
     path = RESULTS / "tasks.json"
@@ -250,8 +251,10 @@ def record(entry: dict) -> None:
         runs = data.get("runs", {})
         key = f"{entry['setting']}-s{entry['seed']}"
         superseded = data.get("superseded", [])
-        if key in runs and entry.get("supersedes"):  # a rerun keeps the run it replaces on record
-            superseded.append({**runs[key], "superseded_by_rerun_because": entry["supersedes"]})
+        if rerun_because:
+            entry = {**entry, "supersedes": rerun_because}
+            if key in runs:
+                superseded.append({**runs[key], "superseded_by_rerun_because": rerun_because})
         runs[key] = entry
         write("tasks", {"runs": runs, "summary": summarise(runs), **({"superseded": superseded} if superseded else {})})
 
@@ -288,7 +291,7 @@ def main() -> None:
                 old.rename(kept)
         train(args.setting, args.seed, extra)
     entry = score(args.setting, args.seed) if SETTINGS[args.setting][0] != "lm" else lm_entry(args.setting, args.seed)
-    record({**entry, **({"supersedes": args.rerun_because} if args.rerun_because else {})})
+    record(entry, args.rerun_because if args.action == "run" else None)
 
 
 if __name__ == "__main__":

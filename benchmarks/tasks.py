@@ -36,6 +36,9 @@ UD_FEATURES = [f"--task.lm_features={RUNS}/ud-charlm-fwd-s1,{RUNS}/ud-charlm-bwd
 # each), then its tagger 20 minutes ("{seed}" is the run's seed).
 UD_FEATURES_30 = [f"--task.lm_features={RUNS}/ud-charlm-fwd-30-s{{seed}},{RUNS}/ud-charlm-bwd-30-s{{seed}}"]
 
+# NER's bigger tagger: two BiLSTM layers, a character BiLSTM of 50 units a direction over 50-wide letters.
+NER_BIG = ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=50"]
+
 # name: (verb, recipe, overrides, minutes of training)
 SETTINGS = {
     "ud-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 14),
@@ -50,10 +53,16 @@ SETTINGS = {
     "ner-crf": ("tag", "conll2003-ner", [], 35),
     "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
     "ner-charlm": ("tag", "conll2003-ner", UD_FEATURES, 35),  # the character LMs of UD's web text, on news
+    "ner-charlm-big": ("tag", "conll2003-ner", [*NER_BIG, *UD_FEATURES], 35),  # the same with ner-crf-big's tagger
     "ner-crf-2l": ("tag", "conll2003-ner", ["--model.num_layers=2"], 35),  # two BiLSTM layers (Reimers & Gurevych 2017)
     "ner-crf-char50": ("tag", "conll2003-ner", ["--task.char_size=50", "--task.char_emb_size=50"], 35),  # wider letters
-    "ner-crf-big": ("tag", "conll2003-ner", ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=50"], 35),  # both
+    "ner-crf-big": ("tag", "conll2003-ner", NER_BIG, 35),  # both
     "ner-crf-cased": ("tag", "conll2003-ner", ["--task.lowercase=false"], 35),  # Lample et al.'s cased word table
+    # ner-crf-big with variational dropout: one mask per sentence, also between the two layers (Reimers & Gurevych 2017).
+    # ner-crf-big with whole word types dropped from the table (AWD-LSTM's embedding dropout): test's names
+    # are mostly unseen in train, so the tagger is made to read them from their letters and context.
+    "ner-crf-wd": ("tag", "conll2003-ner", [*NER_BIG, "--model.dropout_emb=0.1"], 35),
+    "ner-crf-vd": ("tag", "conll2003-ner", [*NER_BIG, "--model.locked_dropout=true", "--model.dropout_hidden=0.5"], 35),
     # Character LMs of encyclopaedic text (WikiText-2's training text: cased, full of names; no CoNLL
     # text, so the features of the tagger's training words are no better than those of its test words).
     "wt2-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", *CHAR_LM], 14),
@@ -62,6 +71,9 @@ SETTINGS = {
     "sst2": ("classify", "sst2", [], 25),
     # Character features of each word (a CNN): 5.7% of dev's words (in 59% of its sentences) never occur in train.
     "sst2-char": ("classify", "sst2", ["--task.char=cnn"], 25),
+    # Variational dropout (one mask per sentence) and whole word types dropped from the embedding (AWD-LSTM).
+    "sst2-vd": ("classify", "sst2", ["--model.locked_dropout=true", "--model.dropout_emb=0.1"], 25),
+    "sst2-attention": ("classify", "sst2", ["--task.pooling=attention"], 25),
     "sst2-dense": ("classify", "sst2", ["--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
     "sst5": ("classify", "sst5", [], 15),
     # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held
@@ -70,6 +82,11 @@ SETTINGS = {
                                     "--model.hidden_size=300", "--model.dropout=0.4", "--train.max_steps=0",
                                     "--train.epochs=100"], 12),
     "sst2-transfer": ("classify", "sst2", [f"--task.init_from={RUNS}/sst2-lm-s1", "--task.unfreeze_steps=500"], 25),
+    # ULMFiT's first stage instead: a word LM of general text (WikiText-2's 2M words), 75 minutes on one core.
+    "wt2-lm": ("lm", "wikitext2-small", ["--model.num_layers=1", "--model.emb_size=300", "--model.hidden_size=300",
+                                         "--model.dropout=0.3", "--model.dropout_input=0.3", "--train.schedule=cosine",
+                                         "--train.max_steps=0", "--train.epochs=100"], 75),
+    "sst2-transfer-wt2": ("classify", "sst2", [f"--task.init_from={RUNS}/wt2-lm-s1", "--task.unfreeze_steps=500"], 25),
 }
 
 

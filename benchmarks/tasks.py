@@ -152,7 +152,8 @@ def lm_entry(name: str, seed: int) -> dict:
     summary = json.loads((run_dir(name, seed) / "summary.json").read_text())
     return {"setting": name, "seed": seed, "command": f"python benchmarks/tasks.py run {name} --seed {seed}",
             "recipe": SETTINGS[name][1], "overrides": SETTINGS[name][2], "train_minutes": summary["elapsed_seconds"] / 60,
-            "steps": summary["steps"], "valid_bpc": summary.get("valid_bpc")}
+            "steps": summary["steps"], "epochs_completed": summary.get("epochs_completed"),
+            "valid_bpc": summary.get("valid_bpc"), "valid_perplexity": summary.get("valid_perplexity")}
 
 
 def score(name: str, seed: int) -> dict:

@@ -6,6 +6,7 @@ and a summary per setting (mean and standard deviation over its seeds).
     python benchmarks/tasks.py score ud-upos --seed 1          # score a finished run again
     python benchmarks/tasks.py run ud-upos --seed 1 --rerun-because "why"   # afresh; the old run stays on record
     python benchmarks/tasks.py report                          # the summary table
+    python benchmarks/tasks.py unseen                          # NER's dev and test entities never seen in train
 
 A setting is a recipe plus overrides (SETTINGS below); each run trains on one thread, so two can
 share this 2-core machine. Runs live in runs/bench-tasks/SETTING-sSEED.
@@ -226,6 +227,24 @@ def _module(verb: str):
     return classification
 
 
+def unseen(corpus: str = "conll2003") -> dict:
+    """The share of dev's and test's entity mentions whose words never form an entity in train."""
+    from neurallm.data.conll import spans
+    from neurallm.tasks import tagging
+    from neurallm.tasks.common import split_file
+
+    def mentions(split):
+        return [tuple(s.words[a:b]) for s in tagging.read(split_file(corpus, split), "") for _, a, b in spans(s.tags)]
+
+    train = set(mentions("train"))
+    out = {}
+    for split in ("dev", "test"):
+        found = mentions(split)
+        out[split] = {"mentions": len(found), "unseen": sum(m not in train for m in found),
+                      "unseen_percent": round(100 * sum(m not in train for m in found) / len(found), 1)}
+    return out
+
+
 def main_figure(entry: dict, split: str) -> float:
     return entry[split].get("f1", entry[split]["accuracy"])
 
@@ -279,7 +298,7 @@ def record(entry: dict, rerun_because: str | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "score", "speed", "report"])
+    parser.add_argument("action", choices=["run", "score", "speed", "report", "unseen"])
     parser.add_argument("setting", nargs="?", choices=sorted(SETTINGS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rerun-because", metavar="REASON",
@@ -290,6 +309,9 @@ def main() -> None:
     if args.action == "report":
         data = json.loads((RESULTS / "tasks.json").read_text())
         print(table(data["summary"]))
+        return
+    if args.action == "unseen":  # how many of NER's dev and test entities train never shows
+        print(json.dumps(unseen(), indent=1))
         return
     if args.setting is None:
         parser.error("name a setting")

@@ -240,8 +240,8 @@ def unseen(corpus: str = "conll2003") -> dict:
     out = {}
     for split in ("dev", "test"):
         found = mentions(split)
-        out[split] = {"mentions": len(found), "unseen": sum(m not in train for m in found),
-                      "unseen_percent": round(100 * sum(m not in train for m in found) / len(found), 1)}
+        missing = sum(m not in train for m in found)
+        out[split] = {"mentions": len(found), "unseen": missing, "unseen_percent": round(100 * missing / len(found), 1)}
     return out
 
 

@@ -39,6 +39,9 @@ UD_FEATURES_30 = [f"--task.lm_features={RUNS}/ud-charlm-fwd-30-s{{seed}},{RUNS}/
 
 # NER's bigger tagger: two BiLSTM layers, a character BiLSTM of 50 units a direction over 50-wide letters.
 NER_BIG = ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=50"]
+# The conll2003-ner recipe is ner-crf-wd's tagger (NER_BIG with embedding dropout); the settings measured
+# before it was (ner-crf and those built on it) start from its first form: one BiLSTM layer, 25-wide letters.
+NER_V1 = ["--model.num_layers=1", "--task.char_size=25", "--task.char_emb_size=25", "--model.dropout_emb=0"]
 
 # name: (verb, recipe, overrides, minutes of training)
 SETTINGS = {
@@ -51,30 +54,32 @@ SETTINGS = {
     "ud-upos": ("tag", "ud-ewt-upos", [], 28),
     "ud-upos-charlm-30": ("tag", "ud-ewt-upos", UD_FEATURES_30, 20),
     "ud-upos-charlm": ("tag", "ud-ewt-upos", UD_FEATURES, 20),
-    "ner-crf": ("tag", "conll2003-ner", [], 35),
-    "ner-softmax": ("tag", "conll2003-ner", ["--task.decoder=softmax"], 35),  # the CRF ablation
-    "ner-charlm": ("tag", "conll2003-ner", UD_FEATURES, 35),  # the character LMs of UD's web text, on news
-    "ner-charlm-big": ("tag", "conll2003-ner", [*NER_BIG, *UD_FEATURES], 35),  # the same with ner-crf-big's tagger
-    "ner-crf-2l": ("tag", "conll2003-ner", ["--model.num_layers=2"], 35),  # two BiLSTM layers (Reimers & Gurevych 2017)
-    "ner-crf-char50": ("tag", "conll2003-ner", ["--task.char_size=50", "--task.char_emb_size=50"], 35),  # wider letters
-    "ner-crf-big": ("tag", "conll2003-ner", NER_BIG, 35),  # both
-    "ner-crf-cased": ("tag", "conll2003-ner", ["--task.lowercase=false"], 35),  # Lample et al.'s cased word table
+    "ner-crf": ("tag", "conll2003-ner", NER_V1, 35),
+    "ner-softmax": ("tag", "conll2003-ner", [*NER_V1, "--task.decoder=softmax"], 35),  # the CRF ablation
+    "ner-charlm": ("tag", "conll2003-ner", [*NER_V1, *UD_FEATURES], 35),  # the character LMs of UD's web text, on news
+    "ner-charlm-big": ("tag", "conll2003-ner", [*NER_V1, *NER_BIG, *UD_FEATURES], 35),  # the same with ner-crf-big's tagger
+    "ner-crf-2l": ("tag", "conll2003-ner", [*NER_V1, "--model.num_layers=2"], 35),  # two BiLSTM layers (Reimers & Gurevych 2017)
+    "ner-crf-char50": ("tag", "conll2003-ner", [*NER_V1, "--task.char_size=50", "--task.char_emb_size=50"], 35),  # wider letters
+    "ner-crf-big": ("tag", "conll2003-ner", [*NER_V1, *NER_BIG], 35),  # both
+    "ner-crf-cased": ("tag", "conll2003-ner", [*NER_V1, "--task.lowercase=false"], 35),  # Lample et al.'s cased word table
     # ner-crf-big with whole word types dropped from the table (AWD-LSTM's embedding dropout): 46% of test's
-    # entity mentions (32% of dev's) never occur as one in train, so the tagger must read names from letters and context.
-    "ner-crf-wd": ("tag", "conll2003-ner", [*NER_BIG, "--model.dropout_emb=0.1"], 35),
+    # entity mentions (32% of dev's) never occur as one in train, so the tagger must read names from letters and
+    # context. The recipe itself since.
+    "ner-crf-wd": ("tag", "conll2003-ner", [], 35),
     # ner-crf-big with variational dropout: one mask per sentence, also between the two layers (Reimers & Gurevych 2017).
-    "ner-crf-vd": ("tag", "conll2003-ner", [*NER_BIG, "--model.locked_dropout=true", "--model.dropout_hidden=0.5"], 35),
+    "ner-crf-vd": ("tag", "conll2003-ner", ["--model.dropout_emb=0", "--model.locked_dropout=true", "--model.dropout_hidden=0.5"], 35),
     # Character LMs of encyclopaedic text (WikiText-2's training text: cased, full of names; no CoNLL
     # text, so the features of the tagger's training words are no better than those of its test words).
     "wt2-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", *CHAR_LM], 14),
     "wt2-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", "--data.reverse=true", *CHAR_LM], 14),
-    "ner-charlm-wt2": ("tag", "conll2003-ner", [f"--task.lm_features={RUNS}/wt2-charlm-fwd-s1,{RUNS}/wt2-charlm-bwd-s1"], 35),
+    "ner-charlm-wt2": ("tag", "conll2003-ner", [*NER_V1, f"--task.lm_features={RUNS}/wt2-charlm-fwd-s1,{RUNS}/wt2-charlm-bwd-s1"], 35),
     "sst2": ("classify", "sst2", [], 25),
     # Character features of each word (a CNN): 5.7% of dev's words (in 59% of its sentences) never occur in train.
     "sst2-char": ("classify", "sst2", ["--task.char=cnn"], 25),
     # Variational dropout (one mask per sentence) and whole word types dropped from the embedding (AWD-LSTM).
     "sst2-vd": ("classify", "sst2", ["--model.locked_dropout=true", "--model.dropout_emb=0.1"], 25),
     "sst2-attention": ("classify", "sst2", ["--task.pooling=attention"], 25),
+    "sst2-wd": ("classify", "sst2", ["--model.dropout_emb=0.1"], 25),  # whole word types dropped alone
     "sst2-dense": ("classify", "sst2", ["--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
     "sst5": ("classify", "sst5", [], 15),
     # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held

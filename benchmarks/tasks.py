@@ -57,6 +57,8 @@ SETTINGS = {
     "ner-crf": ("tag", "conll2003-ner", NER_V1, 35),
     "ner-softmax": ("tag", "conll2003-ner", [*NER_V1, "--task.decoder=softmax"], 35),  # the CRF ablation
     "ner-charlm": ("tag", "conll2003-ner", [*NER_V1, *UD_FEATURES], 35),  # the character LMs of UD's web text, on news
+    # ner-charlm's tagger with the embedding dropout of the recipe (ner-crf-wd's gain without features).
+    "ner-charlm-wd": ("tag", "conll2003-ner", [*NER_V1, "--model.dropout_emb=0.1", *UD_FEATURES], 35),
     "ner-charlm-big": ("tag", "conll2003-ner", [*NER_V1, *NER_BIG, *UD_FEATURES], 35),  # the same with ner-crf-big's tagger
     "ner-crf-2l": ("tag", "conll2003-ner", [*NER_V1, "--model.num_layers=2"], 35),  # two BiLSTM layers (Reimers & Gurevych 2017)
     "ner-crf-char50": ("tag", "conll2003-ner", [*NER_V1, "--task.char_size=50", "--task.char_emb_size=50"], 35),  # wider letters
@@ -80,6 +82,8 @@ SETTINGS = {
     "sst2-vd": ("classify", "sst2", ["--model.locked_dropout=true", "--model.dropout_emb=0.1"], 25),
     "sst2-attention": ("classify", "sst2", ["--task.pooling=attention"], 25),
     "sst2-wd": ("classify", "sst2", ["--model.dropout_emb=0.1"], 25),  # whole word types dropped alone
+    # A moving average of the weights (train.ema, horizon ~500 steps of an epoch's 1,053) validated 4 times an epoch.
+    "sst2-ema": ("classify", "sst2", ["--train.ema=0.998", "--train.valid_every=250"], 25),
     "sst2-dense": ("classify", "sst2", ["--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
     "sst5": ("classify", "sst5", [], 15),
     # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held

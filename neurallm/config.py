@@ -111,6 +111,9 @@ class TrainConfig:
     max_steps: int = 0  # 0: no bound
     max_minutes: float = 0.0  # 0: no bound
     valid_every: int = 0  # steps between validations within an epoch (0: at each epoch's end only)
+    # Validate and keep a moving average of the weights rather than the weights themselves (Polyak
+    # averaging): after each update, average = ema * average + (1 - ema) * weights. 0: off.
+    ema: float = 0.0
     # A non-finite loss or gradient: stop with an error, or recover: go back to the last snapshot
     # (resume/), multiply the rate by recover_factor and go on, at most recover_tries times.
     on_divergence: str = "stop"  # stop | recover
@@ -134,6 +137,7 @@ class TrainConfig:
         _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "a number >= 0")
         _check(self.valid_every >= 0, "train.valid_every", self.valid_every, "an integer >= 0")
+        _check(0 <= self.ema < 1, "train.ema", self.ema, "a number in [0, 1)")
         _check(self.on_divergence in ("stop", "recover"), "train.on_divergence", self.on_divergence, "stop or recover")
         _check(self.recover_tries >= 1, "train.recover_tries", self.recover_tries, "an integer >= 1")
         _check(0 < self.recover_factor < 1, "train.recover_factor", self.recover_factor, "a number in (0, 1)")

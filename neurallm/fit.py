@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,6 +127,46 @@ class Task:
         return {}
 
 
+class Average:
+    """A moving average of a model's weights (Polyak averaging, train.ema): after each update the
+    average moves (1 - decay) of the way to the new weights. Early on the decay is (1 + n) / (10 + n)
+    after n updates when that is lower, so the average soon leaves the random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+        self.params = [p for _, p in self.named]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, updates_before: int) -> None:
+        decay = min(self.decay, (1 + updates_before) / (10 + updates_before))
+        torch._foreach_lerp_(self.average, self.params, 1 - decay)
+
+    @contextmanager
+    def applied(self):
+        """The model holds the average inside the block, its own weights again after it."""
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(self.params, kept):
+                    p.copy_(k)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{name}": a.detach().cpu().contiguous() for (name, _), a in zip(self.named, self.average)}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """From a snapshot; a snapshot saved without an average starts it from the current weights."""
+        with torch.no_grad():
+            for (name, p), a in zip(self.named, self.average):
+                a.copy_(tensors.get(f"ema.{name}", p))
+
+
 def make_optimizer(params, cfg: config.TrainConfig):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -199,6 +239,7 @@ class Loop:
         if not resume:
             self.on_rank0(self._start_log)
         self.optimizer = make_optimizer(task.param_groups(), self.cfg)
+        self.average = Average(self.model, self.cfg.ema) if self.cfg.ema else None
         self.amp = runtime.autocast_dtype(self.cfg.precision, self.device)
         self.progress = Progress()
         self.validated_at = -1  # the step of the last validation
@@ -279,6 +320,8 @@ class Loop:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip or math.inf).item()
         if math.isfinite(norm):
             self.optimizer.step()
+            if self.average is not None:
+                self.average.update(self.progress.step)
         loss = loss.detach()
         if self.world > 1:  # report the loss of the global batch, as one process would
             dist.all_reduce(loss)
@@ -413,7 +456,12 @@ class Loop:
         self.snapshot()
 
     def validate(self) -> None:
-        """The task's validation figure; saves the weights as the run's checkpoint when they are the best so far."""
+        """The task's validation figure; saves the weights as the run's checkpoint when they are the best
+        so far. With train.ema, the weights validated and saved are the moving average."""
+        with self.average.applied() if self.average is not None else nullcontext():
+            self._validate()
+
+    def _validate(self) -> None:
         p = self.progress
         p.valid_loss, figures = self.task.validate()
         self.validated_at = p.step
@@ -455,6 +503,8 @@ class Loop:
                 else:
                     meta["state"][str(idx)][key] = value
         tensors.update(carried)
+        if self.average is not None:
+            tensors.update(self.average.tensors())
         for r, rng in enumerate(rngs):
             tensors[f"rng.{r}"] = rng.cpu()
         state = {"progress": asdict(self.progress), "optimizer": meta, "world": self.world,
@@ -512,6 +562,8 @@ class Loop:
                 group["momentum"] = self.cfg.momentum
         self.progress = Progress(**state["progress"])
         self.task.restore(tensors, self.progress)
+        if self.average is not None:
+            self.average.load(tensors)
         self._set_rng_state(tensors[f"rng.{self.rank}"])
 
     def _trim_log(self) -> None:

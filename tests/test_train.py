@@ -302,3 +302,42 @@ def test_capped_word_vocabulary_gives_unknown_words_a_real_probability(char_corp
     (uncapped, _), (capped, vocab) = results[1], results[2]
     assert math.isfinite(capped) and capped < vocab / 4  # a sensible figure: well below a uniform guess
     assert capped < uncapped / 2
+
+
+def test_the_weight_average_follows_its_formula_and_is_applied_only_inside_its_block():
+    from neurallm.fit import Average
+
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.fill_(0.0)
+    average = Average(layer, decay=0.9)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    average.update(0)  # the first update: decay 1/10, not 0.9
+    assert torch.allclose(average.tensors()["ema.weight"], torch.full((1, 2), 0.1 * 1 + 0.9 * 3))
+    with torch.no_grad():
+        layer.weight.fill_(5.0)
+    average.update(100)  # later: the decay asked for
+    expected = 0.9 * (0.1 + 2.7) + 0.1 * 5
+    assert torch.allclose(average.tensors()["ema.weight"], torch.full((1, 2), expected))
+    with average.applied():
+        assert torch.allclose(layer.weight, torch.full((1, 2), expected))
+    assert torch.equal(layer.weight, torch.full((1, 2), 5.0))  # the trained weights are back
+
+
+def test_with_ema_the_checkpoint_holds_the_average_and_resume_is_exact(word_corpus, tmp_path):
+    extra = ["--train.ema=0.9", "--train.schedule=constant", "--model.dropout=0.3"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(recipe(word_corpus, "--train.max_steps=12", *extra), whole, show_progress=False)
+    train(recipe(word_corpus, "--train.max_steps=5", *extra), split, show_progress=False)
+    train(recipe(word_corpus, "--train.max_steps=12", *extra), split, resume=True, show_progress=False)
+    a, b = _weights(whole), _weights(split)
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 12 steps stay within the first epoch: its one validation (at the stop) is the best, so it is saved.
+    saved = load_file(str(whole / "model.safetensors"))
+    assert all(torch.equal(saved[k], a[f"ema.{k}"]) for k in saved)
+    assert not all(torch.equal(saved[k], a[f"model.{k}"]) for k in saved)  # not the trained weights
+    with pytest.raises(NlmError, match=r"train\.ema"):
+        recipe(word_corpus, "--train.ema=1")

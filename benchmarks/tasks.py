@@ -84,6 +84,7 @@ SETTINGS = {
     "sst2-wd": ("classify", "sst2", ["--model.dropout_emb=0.1"], 25),  # whole word types dropped alone
     # A moving average of the weights (train.ema, horizon ~500 steps of an epoch's 1,053) validated 4 times an epoch.
     "sst2-ema": ("classify", "sst2", ["--train.ema=0.998", "--train.valid_every=250"], 25),
+    "sst2-2l": ("classify", "sst2", ["--model.num_layers=2", "--train.ema=0.998", "--train.valid_every=250"], 25),
     "sst2-dense": ("classify", "sst2", ["--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
     "sst5": ("classify", "sst5", [], 15),
     # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held

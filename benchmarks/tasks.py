@@ -40,7 +40,8 @@ UD_FEATURES_30 = [f"--task.lm_features={RUNS}/ud-charlm-fwd-30-s{{seed}},{RUNS}/
 # NER's bigger tagger: two BiLSTM layers, a character BiLSTM of 50 units a direction over 50-wide letters.
 NER_BIG = ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=50"]
 # The conll2003-ner recipe is ner-crf-wd's tagger (NER_BIG with embedding dropout); the settings measured
-# before it was (ner-crf and those built on it) start from its first form: one BiLSTM layer, 25-wide letters.
+# before it was start from its first form (one BiLSTM layer, 25-wide letters), or, built on NER_BIG
+# (ner-crf-vd), from the recipe without its embedding dropout.
 NER_V1 = ["--model.num_layers=1", "--task.char_size=25", "--task.char_emb_size=25", "--model.dropout_emb=0"]
 
 # name: (verb, recipe, overrides, minutes of training)

@@ -112,7 +112,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no bound
     valid_every: int = 0  # steps between validations within an epoch (0: at each epoch's end only)
     # Validate and keep a moving average of the weights rather than the weights themselves (Polyak
-    # averaging): after each update, average = ema * average + (1 - ema) * weights. 0: off.
+    # averaging): after update n, average = d * average + (1 - d) * weights, d = min(ema, (1 + n) / (10 + n)).
+    # 0: off.
     ema: float = 0.0
     # A non-finite loss or gradient: stop with an error, or recover: go back to the last snapshot
     # (resume/), multiply the rate by recover_factor and go on, at most recover_tries times.

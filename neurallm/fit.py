@@ -5,8 +5,8 @@ divergence check.
 A task answers the rest (``Task`` below): how batches are made, what a step's loss is, what
 carries from one batch to the next, what the validation figure is, and how its checkpoint is
 written. The language model's task is in train.py; taggers and classifiers are in tasks/.
-``resume/`` holds everything needed to continue exactly: weights, optimizer, schedule, random
-state, the task's carried tensors and the position in the epoch.
+``resume/`` holds everything needed to continue exactly: weights (and their moving average with
+train.ema), optimizer, schedule, random state, the task's carried tensors and the position in the epoch.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class Average:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+        # Weights frozen for good (a tagger's character LMs) stay out; those gradual unfreezing holds back are in.
+        self.named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point() and p.requires_grad]
         self.params = [p for _, p in self.named]
         self.average = [p.detach().clone() for p in self.params]
 
@@ -161,10 +162,17 @@ class Average:
         return {f"ema.{name}": a.detach().cpu().contiguous() for (name, _), a in zip(self.named, self.average)}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """From a snapshot; a snapshot saved without an average starts it from the current weights."""
+        """From a snapshot; a snapshot saved without an average (train.ema was 0) starts it from the
+        current weights."""
+        if not any(k.startswith("ema.") for k in tensors):
+            tensors = {f"ema.{name}": p for name, p in self.named}
         with torch.no_grad():
             for (name, p), a in zip(self.named, self.average):
-                a.copy_(tensors.get(f"ema.{name}", p))
+                saved = tensors.get(f"ema.{name}")
+                if saved is None or saved.shape != a.shape:
+                    raise ValueError(f"averaged weight ema.{name}: " +
+                                     ("missing" if saved is None else f"shape {tuple(saved.shape)}, expected {tuple(a.shape)}"))
+                a.copy_(saved)
 
 
 def make_optimizer(params, cfg: config.TrainConfig):

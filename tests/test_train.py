@@ -341,3 +341,16 @@ def test_with_ema_the_checkpoint_holds_the_average_and_resume_is_exact(word_corp
     assert not all(torch.equal(saved[k], a[f"model.{k}"]) for k in saved)  # not the trained weights
     with pytest.raises(NlmError, match=r"train\.ema"):
         recipe(word_corpus, "--train.ema=1")
+
+
+def test_an_average_missing_from_a_snapshot_starts_from_the_weights_and_a_damaged_one_is_refused():
+    from neurallm.fit import Average
+
+    layer = torch.nn.Linear(2, 1)
+    average = Average(layer, decay=0.9)
+    average.load({"model.weight": torch.zeros(1, 2)})  # saved with train.ema = 0
+    assert torch.equal(average.tensors()["ema.weight"], layer.weight.detach())
+    with pytest.raises(ValueError, match=r"ema\.bias: missing"):
+        average.load({"ema.weight": torch.zeros(1, 2)})
+    with pytest.raises(ValueError, match=r"ema\.weight: shape \(2,\), expected \(1, 2\)"):
+        average.load({"ema.weight": torch.zeros(2), "ema.bias": torch.zeros(1)})

@@ -44,6 +44,10 @@ NER_BIG = ["--model.num_layers=2", "--task.char_size=50", "--task.char_emb_size=
 # (ner-crf-vd), from the recipe without its embedding dropout.
 NER_V1 = ["--model.num_layers=1", "--task.char_size=25", "--task.char_emb_size=25", "--model.dropout_emb=0"]
 
+# The sst2 recipe is sst2-2l's classifier; the settings measured before it was start from its first
+# form: one BiLSTM layer, the weights themselves kept, validated at each epoch's end.
+SST2_V1 = ["--model.num_layers=1", "--train.ema=0", "--train.valid_every=0"]
+
 # name: (verb, recipe, overrides, minutes of training)
 SETTINGS = {
     "ud-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=TEXT:ud-english-ewt", *CHAR_LM], 14),
@@ -76,29 +80,29 @@ SETTINGS = {
     "wt2-charlm-fwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", *CHAR_LM], 14),
     "wt2-charlm-bwd": ("lm", "shakespeare-char-small", ["--data.corpus=wikitext-2", "--data.reverse=true", *CHAR_LM], 14),
     "ner-charlm-wt2": ("tag", "conll2003-ner", [*NER_V1, f"--task.lm_features={RUNS}/wt2-charlm-fwd-s1,{RUNS}/wt2-charlm-bwd-s1"], 35),
-    "sst2": ("classify", "sst2", [], 25),
+    "sst2": ("classify", "sst2", SST2_V1, 25),
     # Character features of each word (a CNN): 5.7% of dev's words (in 59% of its sentences) never occur in train.
-    "sst2-char": ("classify", "sst2", ["--task.char=cnn"], 25),
+    "sst2-char": ("classify", "sst2", [*SST2_V1, "--task.char=cnn"], 25),
     # Variational dropout (one mask per sentence) and whole word types dropped from the embedding (AWD-LSTM).
-    "sst2-vd": ("classify", "sst2", ["--model.locked_dropout=true", "--model.dropout_emb=0.1"], 25),
-    "sst2-attention": ("classify", "sst2", ["--task.pooling=attention"], 25),
-    "sst2-wd": ("classify", "sst2", ["--model.dropout_emb=0.1"], 25),  # whole word types dropped alone
+    "sst2-vd": ("classify", "sst2", [*SST2_V1, "--model.locked_dropout=true", "--model.dropout_emb=0.1"], 25),
+    "sst2-attention": ("classify", "sst2", [*SST2_V1, "--task.pooling=attention"], 25),
+    "sst2-wd": ("classify", "sst2", [*SST2_V1, "--model.dropout_emb=0.1"], 25),  # whole word types dropped alone
     # A moving average of the weights (train.ema, horizon ~500 steps of an epoch's 1,053) validated 4 times an epoch.
-    "sst2-ema": ("classify", "sst2", ["--train.ema=0.998", "--train.valid_every=250"], 25),
-    "sst2-2l": ("classify", "sst2", ["--model.num_layers=2", "--train.ema=0.998", "--train.valid_every=250"], 25),
-    "sst2-dense": ("classify", "sst2", ["--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
+    "sst2-ema": ("classify", "sst2", ["--model.num_layers=1"], 25),
+    "sst2-2l": ("classify", "sst2", [], 25),  # sst2-ema with two BiLSTM layers: the recipe itself since
+    "sst2-dense": ("classify", "sst2", [*SST2_V1, "--train.valid_every=250"], 25),  # the model chosen on dev 4 times an epoch
     "sst5": ("classify", "sst5", [], 15),
     # ULMFiT's second stage on our own: a word LM of SST-2's training phrases (their text only; 5% held
     # out for its validation), whose embedding and layer start the classifier's encoder.
     "sst2-lm": ("lm", "ptb-small", ["--data.corpus=PHRASES:sst2", "--model.num_layers=1", "--model.emb_size=300",
                                     "--model.hidden_size=300", "--model.dropout=0.4", "--train.max_steps=0",
                                     "--train.epochs=100"], 12),
-    "sst2-transfer": ("classify", "sst2", [f"--task.init_from={RUNS}/sst2-lm-s1", "--task.unfreeze_steps=500"], 25),
+    "sst2-transfer": ("classify", "sst2", [*SST2_V1, f"--task.init_from={RUNS}/sst2-lm-s1", "--task.unfreeze_steps=500"], 25),
     # ULMFiT's first stage instead: a word LM of general text (WikiText-2's 2M words), 75 minutes on one core.
     "wt2-lm": ("lm", "wikitext2-small", ["--model.num_layers=1", "--model.emb_size=300", "--model.hidden_size=300",
                                          "--model.dropout=0.3", "--model.dropout_input=0.3", "--train.schedule=cosine",
                                          "--train.max_steps=0", "--train.epochs=100"], 75),
-    "sst2-transfer-wt2": ("classify", "sst2", [f"--task.init_from={RUNS}/wt2-lm-s1", "--task.unfreeze_steps=500"], 25),
+    "sst2-transfer-wt2": ("classify", "sst2", [*SST2_V1, f"--task.init_from={RUNS}/wt2-lm-s1", "--task.unfreeze_steps=500"], 25),
 }
 
 

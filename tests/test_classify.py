@@ -20,7 +20,8 @@ from neurallm.tasks.sentences import Vocab, collate, encode
 # Small, no dropout, one batch holding the whole slice: a classifier must learn it by heart.
 SMALL = ["--model.emb_size=32", "--model.hidden_size=32", "--model.num_layers=1", "--model.dropout=0",
          "--model.dropout_input=0", "--model.dropout_hidden=0", "--task.unk_replace=0", "--train.lr=0.01",
-         "--train.schedule=constant", "--train.log_every=1000", "--train.save_every=1000", "--train.epochs=1000"]
+         "--train.schedule=constant", "--train.ema=0", "--train.valid_every=0", "--train.log_every=1000",
+         "--train.save_every=1000", "--train.epochs=1000"]
 
 
 def tsv_rows(path) -> list[tuple[str, str]]:

@@ -14,8 +14,8 @@ from neurallm.cli import main
 # Small, no dropout, one batch holding the whole slice: a tagger must learn it by heart.
 SMALL = ["--model.emb_size=32", "--model.hidden_size=32", "--model.num_layers=1", "--task.char_size=16",
          "--task.char_emb_size=8", "--model.dropout=0", "--model.dropout_input=0", "--model.dropout_hidden=0",
-         "--model.dropout_emb=0", "--task.unk_replace=0", "--train.lr=0.02", "--train.schedule=constant", "--train.log_every=1000",
-         "--train.save_every=5", "--train.epochs=1000"]
+         "--model.dropout_emb=0", "--task.unk_replace=0", "--train.lr=0.02", "--train.schedule=constant",
+         "--train.log_every=1000", "--train.save_every=5", "--train.epochs=1000"]
 
 
 @pytest.fixture(scope="module")
